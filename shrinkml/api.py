@@ -1,0 +1,406 @@
+"""The public verbs: ``compress`` (baseline -> recipe -> measure -> report) and ``bench``.
+
+>>> import shrinkml
+>>> result = shrinkml.compress(  # doctest: +SKIP
+...     "mypkg.models:make_net", "recipe.yaml", data="data.npz", weights="net.safetensors",
+...     out="shrinkml-out")
+>>> result.report["delta"]["size_ratio"], result.budget_met  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from shrinkml.cost import CostSettings, cost_report, model_cost
+from shrinkml.data import SplitFractions, Splits, load_data
+from shrinkml.errors import InputError
+from shrinkml.progress import SILENT, Progress
+from shrinkml.recipe import Recipe, as_recipe
+from shrinkml.tasks import Task, get_task
+
+REPORT_SCHEMA = "shrinkml.report/1"
+BENCH_SCHEMA = "shrinkml.bench/1"
+
+
+def _default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+class RunSettings(BaseModel):
+    """How a run measures: runtime, threads, batch sizes, repeats, seed, splits and cost inputs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    threads: int = Field(default_factory=_default_threads, ge=1)
+    batch_n: int = Field(32, ge=2, description="the larger batch size timed besides batch 1")
+    warmup: int = Field(3, ge=1)
+    repeats: int = Field(20, ge=10)
+    seed: int = 0
+    bootstrap_resamples: int = Field(2000, ge=200)
+    export_tolerance: float = Field(1e-4, gt=0)
+    measure_memory: bool = True
+    splits: SplitFractions = SplitFractions()
+    cost: CostSettings = CostSettings()
+
+
+class Budget(BaseModel):
+    """Largest acceptable drop of the task's primary metric, checked against the CI's worst end."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_drop: float = Field(0.01, ge=0)
+    drop_type: Literal["absolute", "relative"] = "absolute"
+
+
+@dataclass
+class CompressResult:
+    """What ``compress`` returns: the compressed model, both measurements and the report."""
+
+    model: Any  # torch.nn.Module, or onnx.ModelProto once quantized to ONNX Runtime
+    report: dict[str, Any]
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def baseline(self) -> dict[str, Any]:
+        return self.report["baseline"]
+
+    @property
+    def compressed(self) -> dict[str, Any]:
+        return self.report["compressed"]
+
+    @property
+    def budget_met(self) -> bool:
+        return bool(self.report["budget"]["met"])
+
+
+def _check_forward(loaded, example: np.ndarray, source: str, threads: int) -> None:
+    """Run one batch to catch model/data mismatches before any work."""
+    try:
+        if loaded.kind == "torch":
+            import torch
+
+            with torch.inference_mode():
+                loaded.module.eval()(torch.as_tensor(example))
+        else:
+            from shrinkml.runtimes.onnxruntime import OrtRunner
+
+            OrtRunner(loaded.onnx_model.SerializeToString(), threads=threads).run(example)
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        raise InputError(
+            "the model cannot run on the data",
+            where=f"{loaded.source} on {source}",
+            expected="inputs the model accepts",
+            found=f"examples of shape {tuple(example.shape[1:])} ({example.dtype}), on which the model"
+            f" failed with {type(exc).__name__}: {first_line[:300]}",
+            fix="check that --data matches the model's input (shape per example, channels first)",
+        ) from exc
+
+
+def _prepare(model, data, task_name, weights, settings: RunSettings, needs_labels: bool):
+    from shrinkml.models import load_model
+
+    task = get_task(task_name)
+    loaded = load_model(model, weights=weights)
+    splits = load_data(data, seed=settings.seed, fractions=settings.splits, needs_labels=needs_labels)
+    task.check_data(splits)
+    example = splits.calibration.x[: min(len(splits.calibration), 8)]
+    _check_forward(loaded, example, splits.source, settings.threads)
+    return task, loaded, splits, example
+
+
+def _initial_state(loaded):
+    from shrinkml.techniques.base import ModelState
+
+    if loaded.kind == "torch":
+        return ModelState("torch", torch_model=loaded.module)
+    return ModelState("onnx", onnx_model=loaded.onnx_model)
+
+
+def _measure(artifacts, splits: Splits, task: Task, settings: RunSettings, workdir: Path, progress: Progress):
+    from shrinkml.measure.assess import assess
+
+    return assess(
+        artifacts,
+        splits.test,
+        task,
+        threads=settings.threads,
+        batch_n=settings.batch_n,
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+        seed=settings.seed,
+        bootstrap_resamples=settings.bootstrap_resamples,
+        measure_memory=settings.measure_memory,
+        workdir=workdir,
+        progress=progress,
+    )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b in (None, 0) else float(a) / float(b)
+
+
+def _notes(baseline: dict, compressed: dict) -> list[str]:
+    notes = []
+    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {compressed['latency_ms']['batch_n']['n']}")):
+        b, c = baseline["latency_ms"][key]["p50"], compressed["latency_ms"][key]["p50"]
+        if c > b:
+            notes.append(f"The compressed model is slower than the baseline at {label} on this runtime ({c:.3g} ms vs {b:.3g} ms, median).")
+    if compressed["size_bytes"] > baseline["size_bytes"]:
+        notes.append("The compressed artifact is larger on disk than the baseline.")
+    return notes
+
+
+def _stage_outputs(out: Path, files: dict[str, Path | str | bytes]) -> dict[str, Path]:
+    """Write every output into a hidden staging folder beside ``out``, then move them in place.
+
+    A failure before the final moves leaves ``out`` untouched (no partial files).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        for name, content in files.items():
+            target = staging / name
+            if isinstance(content, Path):
+                shutil.copyfile(content, target)
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+        out.mkdir(exist_ok=True)
+        written = {}
+        for name in files:
+            os.replace(staging / name, out / name)
+            written[name] = out / name
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def compress(
+    model: Any,
+    recipe: Recipe | str | Path | list | dict,
+    *,
+    data: Any,
+    task: str = "classification",
+    weights: str | Path | None = None,
+    out: str | Path | None = None,
+    budget: Budget | None = None,
+    settings: RunSettings | None = None,
+    progress: Progress | None = None,
+) -> CompressResult:
+    """Measure ``model``, apply ``recipe``, measure the result the same way, and report.
+
+    ``model``: ``"package.module:factory"`` (with ``weights``), an ``.onnx`` path, or an
+    ``nn.Module``. ``data``: an ``.npz`` path, ``"builtin:digits"``, ``"package.module:function"``,
+    arrays or a ``Dataset``. With ``out``, writes the compressed artifact, ``recipe.yaml`` and
+    ``report.{json,md,html}`` there. Budget failures do not raise: check ``result.budget_met``.
+    """
+    from shrinkml.artifacts import build_artifact
+    from shrinkml.environment import environment
+    from shrinkml.techniques.base import StepContext, registry
+
+    settings = settings or RunSettings()
+    budget = budget or Budget()
+    progress = progress or SILENT
+    recipe = as_recipe(recipe)
+    task_obj, loaded, splits, example = _prepare(
+        model, data, task, weights, settings, needs_labels=task == "classification"
+    )
+    recipe.check_model_kind(loaded.kind)
+    techniques = registry()
+    if settings.runtime == "torch":
+        for i, step in enumerate(recipe.steps):
+            if techniques[step.technique].produces == "onnx":
+                raise InputError(
+                    f"{step.technique} produces an ONNX Runtime model, which PyTorch cannot run",
+                    where=f"steps[{i}] with --runtime torch",
+                    fix="use --runtime onnxruntime (the default) for recipes with ONNX quantization",
+                )
+    progress.log(f"data {splits.source}: " + ", ".join(f"{k} {v}" for k, v in splits.sizes().items()))
+
+    with tempfile.TemporaryDirectory(prefix="shrinkml-") as tmp:
+        workdir = Path(tmp)
+        state = _initial_state(loaded)
+        teacher = None
+        if loaded.kind == "torch":
+            teacher = copy.deepcopy(loaded.module).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        art_kwargs = dict(
+            runtime=settings.runtime,
+            example=example,
+            workdir=workdir,
+            threads=settings.threads,
+            export_tolerance=settings.export_tolerance,
+        )
+        progress.log("building the baseline artifact")
+        baseline_art = build_artifact(state, "baseline", **art_kwargs)
+        ctx = StepContext(
+            splits=splits,
+            task=task_obj,
+            teacher=teacher,
+            example_input=example,
+            seed=settings.seed,
+            threads=settings.threads,
+            progress=progress,
+            workdir=workdir,
+            export_tolerance=settings.export_tolerance,
+        )
+        step_reports = []
+        for i, step in enumerate(recipe.steps):
+            progress.log(f"step {i + 1}/{len(recipe.steps)}: {step.technique}")
+            result = techniques[step.technique].apply(state, step, ctx)
+            state = result.state
+            step_reports.append({"technique": step.technique, "summary": result.summary})
+        progress.log("building the compressed artifact")
+        compressed_art = build_artifact(state, "compressed", **art_kwargs)
+        base_a, comp_a = _measure([baseline_art, compressed_art], splits, task_obj, settings, workdir, progress)
+
+        from shrinkml.measure.assess import metric_drop
+
+        primary = task_obj.primary_metric(base_a.outputs.shape)
+        drop = metric_drop(
+            base_a, comp_a, primary, drop_type=budget.drop_type, seed=settings.seed, resamples=settings.bootstrap_resamples
+        )
+        worst = drop["ci95"][1]
+        b, c = base_a.measurement, comp_a.measurement
+        report = {
+            "schema": REPORT_SCHEMA,
+            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "model": {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind},
+            "task": {"name": task_obj.name, "primary_metric": primary},
+            "runtime": {"name": settings.runtime, "threads": settings.threads, "batch_n": settings.batch_n},
+            "data": {"source": splits.source, "seed": settings.seed, "splits": splits.sizes()},
+            "baseline": b,
+            "compressed": c,
+            "delta": {
+                "size_ratio": _ratio(b["size_bytes"], c["size_bytes"]),
+                "params_ratio": _ratio(b["params"], c["params"]),
+                "nonzero_params_ratio": _ratio(b["nonzero_params"], c["nonzero_params"]),
+                "macs_ratio": _ratio(b["macs"], c["macs"]),
+                "speedup_batch_1": _ratio(b["latency_ms"]["batch_1"]["p50"], c["latency_ms"]["batch_1"]["p50"]),
+                "speedup_batch_n": _ratio(b["latency_ms"]["batch_n"]["p50"], c["latency_ms"]["batch_n"]["p50"]),
+                "accuracy_drop": drop,
+            },
+            "budget": {
+                "max_drop": budget.max_drop,
+                "drop_type": budget.drop_type,
+                "metric": primary,
+                "worst_case_drop": worst,
+                "met": bool(worst <= budget.max_drop),
+            },
+            "cost": cost_report(b, c, settings.cost),
+            "recipe": recipe.to_dict(),
+            "steps": step_reports,
+            "export": {
+                "tolerance": settings.export_tolerance,
+                "baseline_max_abs_diff": baseline_art.export_max_abs_diff,
+                "compressed_max_abs_diff": compressed_art.export_max_abs_diff,
+                "baseline_encoding": baseline_art.encoding,
+                "compressed_encoding": compressed_art.encoding,
+            },
+            "notes": _notes(b, c),
+            "environment": environment(threads=settings.threads, seed=settings.seed),
+        }
+        files: dict[str, Path] = {}
+        if out is not None:
+            files = _write_outputs(Path(out), compressed_art, recipe, report, loaded)
+    return CompressResult(
+        model=state.torch_model if state.kind == "torch" else state.onnx_model, report=report, files=files
+    )
+
+
+def _write_outputs(out: Path, artifact, recipe: Recipe, report: dict, loaded) -> dict[str, Path]:
+    import json
+
+    from shrinkml.report import dumps_report, validate_report
+    from shrinkml.report.html import render_html
+    from shrinkml.report.markdown import render_markdown
+
+    validate_report(report)
+    model_name = "model" + artifact.path.suffix
+    manifest = {
+        "schema": "shrinkml.artifact/1",
+        "model_file": model_name,
+        "runtime": artifact.runtime,
+        "source_model": loaded.source,
+        "recipe_file": "recipe.yaml",
+        "load": (
+            "onnxruntime.InferenceSession('model.onnx')"
+            if artifact.runtime == "onnxruntime"
+            else "shrinkml.models.safetensors_io.load_state_dict('model.safetensors') into the factory's"
+            " model after fit_module_to_state_dict"
+        ),
+    }
+    return _stage_outputs(
+        out,
+        {
+            model_name: artifact.path,
+            "recipe.yaml": recipe.to_yaml(),
+            "manifest.json": json.dumps(manifest, indent=2) + "\n",
+            "report.json": dumps_report(report),
+            "report.md": render_markdown(report),
+            "report.html": render_html(report),
+        },
+    )
+
+
+def bench(
+    model: Any,
+    *,
+    data: Any,
+    task: str = "classification",
+    weights: str | Path | None = None,
+    settings: RunSettings | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The baseline assessment alone: size, params, MACs, latency, throughput, memory, metrics."""
+    from shrinkml.artifacts import build_artifact
+    from shrinkml.environment import environment
+
+    settings = settings or RunSettings()
+    progress = progress or SILENT
+    task_obj, loaded, splits, example = _prepare(
+        model, data, task, weights, settings, needs_labels=task == "classification"
+    )
+    with tempfile.TemporaryDirectory(prefix="shrinkml-") as tmp:
+        workdir = Path(tmp)
+        art = build_artifact(
+            _initial_state(loaded),
+            "model",
+            runtime=settings.runtime,
+            example=example,
+            workdir=workdir,
+            threads=settings.threads,
+            export_tolerance=settings.export_tolerance,
+        )
+        (assessment,) = _measure([art], splits, task_obj, settings, workdir, progress)
+    measurement = assessment.measurement
+    measurement["export_max_abs_diff"] = art.export_max_abs_diff
+    return {
+        "schema": BENCH_SCHEMA,
+        "model": {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind},
+        "task": {"name": task_obj.name},
+        "runtime": {"name": settings.runtime, "threads": settings.threads, "batch_n": settings.batch_n},
+        "data": {"source": splits.source, "seed": settings.seed, "splits": splits.sizes()},
+        "measurement": measurement,
+        "cost": {
+            "currency": "USD",
+            "assumptions": settings.cost.model_dump(),
+            **model_cost(measurement["throughput_per_s"]["batch_n"], measurement["size_bytes"], settings.cost),
+        },
+        "environment": environment(threads=settings.threads, seed=settings.seed),
+    }

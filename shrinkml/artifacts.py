@@ -1,0 +1,92 @@
+"""The deployable artifact of a model state on a runtime: an ``.onnx`` file for ONNX Runtime, a
+``.safetensors`` file for PyTorch. Sizes in the report are these files' bytes on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shrinkml.errors import InputError
+from shrinkml.techniques.base import ModelState
+
+
+@dataclass
+class Artifact:
+    label: str
+    runtime: str
+    path: Path
+    params: int
+    nonzero_params: int
+    macs: int | None
+    module: Any = None  # torch.nn.Module, for the torch runtime
+    export_max_abs_diff: float | None = None
+    encoding: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def build_artifact(
+    state: ModelState,
+    label: str,
+    *,
+    runtime: str,
+    example: np.ndarray,
+    workdir: Path,
+    threads: int,
+    export_tolerance: float,
+    opset: int = 17,
+) -> Artifact:
+    """Write ``state`` as the file a user would deploy on ``runtime`` and describe it."""
+    if runtime == "onnxruntime":
+        return _onnx_artifact(state, label, example, workdir, threads, export_tolerance, opset)
+    if state.kind != "torch":
+        raise InputError(
+            "the recipe produced an ONNX Runtime model, which cannot be measured on PyTorch",
+            where="--runtime torch",
+            fix="use --runtime onnxruntime with ONNX quantization steps",
+        )
+    return _torch_artifact(state, label, example, workdir)
+
+
+def _onnx_artifact(state, label, example, workdir, threads, tolerance, opset) -> Artifact:
+    import onnx
+
+    from shrinkml.measure.macs import onnx_macs
+    from shrinkml.measure.params import onnx_param_counts
+    from shrinkml.runtimes.export import export_verified
+    from shrinkml.runtimes.onnx_sparse import encode_sparse_initializers
+
+    diff = None
+    if state.kind == "torch":
+        model, diff = export_verified(
+            state.torch_model, example, tolerance=tolerance, threads=threads, opset=opset, label=label
+        )
+    else:
+        model = state.onnx_model
+    input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    macs = onnx_macs(model, {input_name: [1, *example.shape[1:]]})
+    encoded, encoding = encode_sparse_initializers(model)
+    path = workdir / f"{label}.onnx"
+    onnx.save(encoded, str(path))
+    params, nonzero = onnx_param_counts(encoded)
+    return Artifact(label, "onnxruntime", path, params, nonzero, macs, export_max_abs_diff=diff, encoding=encoding)
+
+
+def _torch_artifact(state, label, example, workdir) -> Artifact:
+    import torch
+
+    from shrinkml.measure.macs import torch_macs
+    from shrinkml.measure.params import torch_param_counts
+    from shrinkml.models.safetensors_io import save_state_dict
+
+    module = state.torch_model.eval()
+    path = workdir / f"{label}.safetensors"
+    encoding = save_state_dict(module.state_dict(), path, metadata={"shrinkml.label": label})
+    params, nonzero = torch_param_counts(module)
+    macs = torch_macs(module, torch.as_tensor(example[:1]))
+    return Artifact(label, "torch", path, params, nonzero, macs, module=module, encoding=encoding)

@@ -1,0 +1,92 @@
+"""In-memory datasets as numpy arrays, and their seeded, disjoint splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shrinkml.errors import InputError
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """Inputs ``x`` (first axis = examples) and optional integer labels ``y``."""
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.y is not None and len(self.y) != len(self.x):
+            raise InputError(
+                "inputs and labels have different lengths",
+                where="data",
+                expected="as many labels in y as examples in x",
+                found=f"{len(self.x)} examples and {len(self.y)} labels",
+                fix="pass arrays of equal length along the first axis",
+            )
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def subset(self, index: np.ndarray) -> ArrayData:
+        return ArrayData(self.x[index], None if self.y is None else self.y[index])
+
+    def batches(self, batch_size: int):
+        """Yield ``(x, y)`` numpy batches in order (``y`` is None without labels)."""
+        for start in range(0, len(self), batch_size):
+            stop = start + batch_size
+            yield self.x[start:stop], (None if self.y is None else self.y[start:stop])
+
+
+class SplitFractions(BaseModel):
+    """How a single dataset is divided when the user does not give the splits."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    calibration: float = Field(0.1, gt=0, lt=1)
+    finetune: float = Field(0.6, ge=0, lt=1)
+    test: float = Field(0.3, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_at_most_one(self) -> SplitFractions:
+        if self.calibration + self.finetune + self.test > 1 + 1e-9:
+            raise ValueError("calibration + finetune + test must be at most 1")
+        return self
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint parts of the user's data. ``test`` is never used for calibration or training."""
+
+    calibration: ArrayData
+    finetune: ArrayData
+    test: ArrayData
+    source: str
+    seed: int
+
+    def sizes(self) -> dict[str, int]:
+        return {"calibration": len(self.calibration), "finetune": len(self.finetune), "test": len(self.test)}
+
+
+def make_splits(
+    data: ArrayData, *, seed: int, fractions: SplitFractions | None = None, source: str = "data"
+) -> Splits:
+    """Shuffle with ``seed`` and cut into calibration / fine-tune / test (disjoint, deterministic)."""
+    fractions = fractions or SplitFractions()
+    n = len(data)
+    n_cal = int(round(n * fractions.calibration))
+    n_test = int(round(n * fractions.test))
+    n_ft = min(int(round(n * fractions.finetune)), n - n_cal - n_test)
+    if n_cal < 1 or n_test < 2:
+        raise InputError(
+            "the data is too small to split",
+            where=source,
+            expected="enough examples for at least 1 calibration and 2 test examples",
+            found=f"{n} examples",
+            fix="give more examples, or give the splits explicitly",
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    cal, test, ft = order[:n_cal], order[n_cal : n_cal + n_test], order[n_cal + n_test : n_cal + n_test + n_ft]
+    return Splits(data.subset(cal), data.subset(ft), data.subset(test), source=source, seed=seed)

@@ -1,0 +1,147 @@
+"""Measure artifacts side by side on one runtime: outputs on the test split, task metrics with
+bootstrap CIs, interleaved latency at batch 1 and batch N, throughput and peak memory.
+
+Measurement never mutates a model; every artifact is timed in the same process, same threads,
+interleaved, so drift cancels in the ratios.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shrinkml.data import ArrayData
+from shrinkml.measure.latency import time_interleaved
+from shrinkml.measure.stats import bootstrap_mean_ci, paired_bootstrap_diff_ci
+from shrinkml.progress import Progress
+from shrinkml.tasks import Task
+
+
+@dataclass
+class Assessment:
+    """One artifact's measurement (the report's dict) plus the per-example scores behind it."""
+
+    measurement: dict[str, Any]
+    scores: dict[str, np.ndarray]
+    outputs: np.ndarray
+
+
+def _runner(artifact, threads: int):
+    if artifact.runtime == "onnxruntime":
+        from shrinkml.runtimes.onnxruntime import OrtRunner
+
+        return OrtRunner(artifact.path, threads=threads)
+    from shrinkml.runtimes.torch_eager import TorchRunner
+
+    return TorchRunner(artifact.module, threads=threads)
+
+
+def _predict(runner, data: ArrayData, batch_size: int = 256) -> np.ndarray:
+    return np.concatenate([runner.run(x) for x, _ in data.batches(batch_size)])
+
+
+def _batch(x: np.ndarray, n: int) -> np.ndarray:
+    """The first ``n`` test inputs, repeated if the split is smaller than ``n``."""
+    reps = -(-n // len(x))
+    return np.ascontiguousarray(np.concatenate([x] * reps)[:n]) if reps > 1 else np.ascontiguousarray(x[:n])
+
+
+def _peak_memory(artifact, batch: np.ndarray, threads: int, workdir) -> int:
+    from shrinkml.measure import memory
+
+    if artifact.runtime == "onnxruntime":
+        from shrinkml.runtimes.onnxruntime import OrtRunner
+
+        name = OrtRunner(artifact.path, threads=threads).input_name
+        return memory.peak_memory_onnx(artifact.path, {name: batch}, threads=threads)
+    module_file = workdir / f"{artifact.label}.module.pt"
+    memory.save_module_for_child(artifact.module, module_file)
+    return memory.peak_memory_torch(module_file, {"input": batch}, threads=threads, sys_path=list(sys.path))
+
+
+def assess(
+    artifacts: list,
+    test: ArrayData,
+    task: Task,
+    *,
+    threads: int,
+    batch_n: int,
+    warmup: int,
+    repeats: int,
+    seed: int,
+    bootstrap_resamples: int,
+    measure_memory: bool,
+    workdir,
+    progress: Progress,
+) -> list[Assessment]:
+    """Measure ``artifacts`` (the first is the reference for agreement and fidelity)."""
+    runners = [_runner(a, threads) for a in artifacts]
+    progress.log(f"evaluating on {len(test)} held-out test examples")
+    outputs = [_predict(r, test) for r in runners]
+    reference = outputs[0]
+
+    timings = {}
+    for key, n in (("batch_1", 1), ("batch_n", batch_n)):
+        progress.log(f"timing at batch {n} ({repeats} interleaved runs after {warmup} warm-up runs)")
+        xb = _batch(test.x, n)
+        fns = {a.label: (lambda r=r, xb=xb: r.run(xb)) for a, r in zip(artifacts, runners)}
+        timings[key] = time_interleaved(fns, warmup=warmup, repeats=repeats)
+
+    results = []
+    for a, out in zip(artifacts, outputs):
+        scores = task.scores(out, test, reference)
+        metrics = {}
+        for name, values in scores.items():
+            mean, lo, hi = bootstrap_mean_ci(values, n_resamples=bootstrap_resamples, seed=seed)
+            metrics[name] = {"value": mean, "ci95": [lo, hi]}
+        lat1, latn = timings["batch_1"][a.label], timings["batch_n"][a.label]
+        peak = None
+        if measure_memory:
+            progress.log(f"peak memory of {a.label} in a fresh process")
+            peak = _peak_memory(a, _batch(test.x, batch_n), threads, workdir)
+        measurement = {
+            "artifact": a.path.name,
+            "runtime": a.runtime,
+            "size_bytes": a.size_bytes,
+            "params": a.params,
+            "nonzero_params": a.nonzero_params,
+            "macs": a.macs,
+            "latency_ms": {
+                "batch_1": lat1.to_dict(),
+                "batch_n": {"n": batch_n, **latn.to_dict()},
+            },
+            "throughput_per_s": {
+                "batch_1": 1000.0 / lat1.p50_ms,
+                "batch_n": batch_n * 1000.0 / latn.p50_ms,
+            },
+            "peak_memory_bytes": peak,
+            "metrics": metrics,
+        }
+        if a is not artifacts[0]:
+            from shrinkml.tasks import fidelity_scores
+
+            fid = fidelity_scores(out, reference)
+            agreement = fid.get("top1_agreement", fid["cosine_similarity"])
+            measurement["agreement_with_baseline"] = float(np.mean(agreement))
+        results.append(Assessment(measurement, scores, out))
+    return results
+
+
+def metric_drop(
+    baseline: Assessment, compressed: Assessment, metric: str, *, drop_type: str, seed: int, resamples: int
+) -> dict[str, Any]:
+    """Drop of ``metric`` (baseline - compressed) with a paired-bootstrap 95% CI.
+
+    ``relative`` divides by the baseline's value (a point estimate), so the CI is the absolute CI
+    scaled by the same constant.
+    """
+    b, c = baseline.scores[metric], compressed.scores[metric]
+    value, lo, hi = paired_bootstrap_diff_ci(b, c, n_resamples=resamples, seed=seed)
+    if drop_type == "relative":
+        base = float(np.mean(b))
+        scale = 1.0 / base if base > 0 else float("inf")
+        value, lo, hi = value * scale, lo * scale, hi * scale
+    return {"metric": metric, "type": drop_type, "value": value, "ci95": [lo, hi]}

@@ -1,0 +1,302 @@
+"""The before/after comparison every report format shows, and the console table the CLI prints.
+
+``comparison_rows`` computes the rows once, as text, so that the console, Markdown and HTML say
+exactly the same thing. The number formatting lives here with the rows it serves. Rich is imported
+only inside ``summary_table``, so renderers that never print pay nothing for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+NA = "n/a"
+
+
+def get(report: Any, *keys: str | int) -> Any:
+    """``report[k1][k2]...``, or ``None`` where any step is missing or not a container.
+
+    Renderers read through this so that a field left ``None`` prints "n/a" instead of crashing.
+    """
+    node = report
+    for key in keys:
+        if isinstance(node, dict):
+            node = node.get(key)
+        elif isinstance(node, (list, tuple)) and isinstance(key, int) and -len(node) <= key < len(node):
+            node = node[key]
+        else:
+            return None
+    return node
+
+
+def finite_number(value: Any) -> float | None:
+    """A finite float, or None for None, NaN, text and anything else that is not a number."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    try:
+        number = float(value)  # also takes numpy scalars
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def fmt_sig(value: Any, digits: int = 3) -> str:
+    """``value`` with ``digits`` significant figures in plain notation: 0.213, 19.4, 4,700."""
+    x = finite_number(value)
+    if x is None:
+        return NA
+    if x == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:,.{decimals}f}"
+
+
+def fmt_int(value: Any) -> str:
+    """An exact count with thousands separators: 100,234."""
+    x = finite_number(value)
+    return NA if x is None else f"{int(x):,}"
+
+
+def human_bytes(value: Any) -> str:
+    """Decimal units (kB = 1000 B), the same MB as the plots' axes: 412 kB."""
+    x = finite_number(value)
+    if x is None:
+        return NA
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(x) < 1000 or unit == "GB":
+            return f"{fmt_sig(x, 3)} {unit}" if unit != "B" else f"{int(x)} B"
+        x /= 1000
+    raise AssertionError("unreachable")
+
+
+def fmt_bytes(value: Any) -> str:
+    """Human units plus the exact count, since sizes are compared to the byte: 412 kB (412,345 bytes)."""
+    if finite_number(value) is None:
+        return NA
+    return f"{human_bytes(value)} ({fmt_int(value)} bytes)"
+
+
+def fmt_ratio(ratio: Any, better: str, worse: str) -> tuple[str, str | None]:
+    """An x-fold change worded honestly, with its judgement: ``("9.1x smaller", "better")``,
+    ``("0.8x (slower)", "worse")``. ``ratio`` is old/new for costs, new/old for throughput."""
+    r = finite_number(ratio)
+    if r is None or r <= 0:
+        return NA, None
+    if abs(r - 1) < 0.005:
+        return "1.0x (no change)", None
+    text = f"{r:.0f}" if r >= 10 else f"{r:.1f}"
+    if text == "1.0":  # 0.97 and 1.04 must not both print as "1.0x"
+        text = f"{r:.2f}"
+    return (f"{text}x {better}", "better") if r > 1 else (f"{text}x ({worse})", "worse")
+
+
+def _ratio(old: Any, new: Any) -> float | None:
+    a, b = finite_number(old), finite_number(new)
+    return a / b if a is not None and b else None
+
+
+def is_fraction_metric(*values: Any) -> bool:
+    """Whether the values look like fractions in [-1, 1] (accuracy, agreement, cosine), which read
+    best as percentage points; anything else (loss, error in units) keeps its own scale."""
+    numbers = [finite_number(v) for v in values]
+    known = [v for v in numbers if v is not None]
+    return bool(known) and all(-1.0 <= v <= 1.0 for v in known)
+
+
+def fmt_metric_value(value: Any, fraction: bool) -> str:
+    """0.981 for fractions (three decimals = tenths of a point), four significant figures otherwise."""
+    x = finite_number(value)
+    if x is None:
+        return NA
+    return f"{x:.3f}" if fraction else fmt_sig(x, 4)
+
+
+def fmt_metric(entry: Any, fraction: bool | None = None) -> str:
+    """A metric with its bootstrap interval: 0.981 (95% CI 0.968–0.992)."""
+    value, ci = get(entry, "value"), get(entry, "ci95")
+    if fraction is None:
+        fraction = is_fraction_metric(value)
+    text = fmt_metric_value(value, fraction)
+    if text != NA and isinstance(ci, (list, tuple)) and len(ci) == 2:
+        low, high = (fmt_metric_value(b, fraction) for b in ci)
+        if NA not in (low, high):
+            text += f" (95% CI {low}–{high})"
+    return text
+
+
+def fmt_difference(value: Any, fraction: bool) -> str:
+    """A signed metric difference: "+0.20 points" for fractions, "-0.0123" in metric units otherwise."""
+    x = finite_number(value)
+    if x is None:
+        return NA
+    if fraction:
+        return f"{100 * x:+.2f} points"
+    return ("+" if x >= 0 else "") + fmt_sig(x, 3)
+
+
+def fmt_drop(value: Any, ci: Any, fraction: bool) -> str:
+    """A drop and its interval in one unit: "0.20 points (95% CI -0.20 to 0.60 points)"."""
+    scale, unit = (100.0, " points") if fraction else (1.0, "")
+    x = finite_number(value)
+    if x is None:
+        return NA
+    text = f"{scale * x:.2f}{unit}" if fraction else fmt_sig(x, 3)
+    low, high = (finite_number(get(ci, i)) for i in (0, 1))
+    if low is not None and high is not None:
+        if fraction:
+            text += f" (95% CI {scale * low:.2f} to {scale * high:.2f}{unit})"
+        else:
+            text += f" (95% CI {fmt_sig(low, 3)} to {fmt_sig(high, 3)})"
+    return text
+
+
+def fmt_budget_amount(value: Any, drop_type: Any, fraction: bool) -> str:
+    """A budget or worst-case drop in the budget's own terms: points, metric units or % of baseline."""
+    x = finite_number(value)
+    if x is None:
+        return NA
+    if drop_type == "relative":
+        return f"{100 * x:.2f}% of the baseline"
+    return f"{100 * x:.2f} points" if fraction else fmt_sig(x, 3)
+
+
+def fmt_money(value: Any, currency: Any = "USD") -> str:
+    """Money with enough digits to see sub-cent figures: $0.014, $0.0000095, $1,234.50."""
+    x = finite_number(value)
+    if x is None:
+        return NA
+    if abs(x) >= 1 or x == 0:
+        text = f"{abs(x):,.2f}"
+    else:
+        decimals = 2 - math.floor(math.log10(abs(x)))  # three significant figures
+        text = f"{abs(x):.{decimals}f}".rstrip("0").rstrip(".")
+    sign = "-" if x < 0 else ""
+    return f"{sign}${text}" if currency in (None, "USD") else f"{sign}{text} {currency}"
+
+
+def batch_n(report: Any) -> Any:
+    """The batch size the batch-N figures were measured at."""
+    for side in ("compressed", "baseline"):
+        n = get(report, side, "latency_ms", "batch_n", "n")
+        if n is not None:
+            return n
+    return get(report, "runtime", "batch_n")
+
+
+def primary_metric(report: Any) -> str | None:
+    return get(report, "task", "primary_metric")
+
+
+def primary_is_fraction(report: Any) -> bool:
+    """Whether the primary metric, its drop and the budget read as percentage points."""
+    name = primary_metric(report)
+    values: list[Any] = []
+    for side in ("baseline", "compressed"):
+        entry = get(report, side, "metrics", name)
+        values += [get(entry, "value"), get(entry, "ci95", 0), get(entry, "ci95", 1)]
+    return is_fraction_metric(*values)
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One line of the before/after table, already formatted."""
+
+    label: str
+    baseline: str
+    compressed: str
+    change: str
+    # "better", "worse" or None where the change is no judgement (metric deltas, unknown values).
+    judgement: str | None = None
+
+
+def _latency(side: Any, key: str) -> str:
+    p50, p95 = get(side, "latency_ms", key, "p50"), get(side, "latency_ms", key, "p95")
+    if finite_number(p50) is None and finite_number(p95) is None:
+        return NA
+    return f"{fmt_sig(p50)} / {fmt_sig(p95)} ms"
+
+
+def _throughput(side: Any, key: str) -> str:
+    value = get(side, "throughput_per_s", key)
+    return NA if finite_number(value) is None else f"{fmt_sig(value)}/s"
+
+
+def comparison_rows(report: dict) -> list[ComparisonRow]:
+    """The before/after rows: size, parameters, MACs, latency, throughput, memory, every metric
+    with its 95% CI, and agreement with the baseline. Ratios come from ``report["delta"]`` where
+    it has them, so the table and the delta section can never disagree."""
+    base, comp, delta = get(report, "baseline") or {}, get(report, "compressed") or {}, get(report, "delta") or {}
+    n = batch_n(report)
+    rows: list[ComparisonRow] = []
+
+    def add(label: str, b: str, c: str, change: tuple[str, str | None]) -> None:
+        rows.append(ComparisonRow(label, b, c, change[0], change[1]))
+
+    def ratio(delta_key: str | None, old: Any, new: Any) -> float | None:
+        value = delta.get(delta_key) if delta_key else None
+        return value if finite_number(value) is not None else _ratio(old, new)
+
+    add("Size on disk", fmt_bytes(base.get("size_bytes")), fmt_bytes(comp.get("size_bytes")),
+        fmt_ratio(ratio("size_ratio", base.get("size_bytes"), comp.get("size_bytes")), "smaller", "larger"))
+    add("Parameters", fmt_int(base.get("params")), fmt_int(comp.get("params")),
+        fmt_ratio(ratio("params_ratio", base.get("params"), comp.get("params")), "fewer", "more"))
+    add("Nonzero parameters", fmt_int(base.get("nonzero_params")), fmt_int(comp.get("nonzero_params")),
+        fmt_ratio(ratio(None, base.get("nonzero_params"), comp.get("nonzero_params")), "fewer", "more"))
+    add("MACs per example", fmt_int(base.get("macs")), fmt_int(comp.get("macs")),
+        fmt_ratio(ratio("macs_ratio", base.get("macs"), comp.get("macs")), "fewer", "more"))
+    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {n if n is not None else 'N'}")):
+        old = get(base, "latency_ms", key, "p50")
+        new = get(comp, "latency_ms", key, "p50")
+        add(f"Latency p50 / p95, {label}", _latency(base, key), _latency(comp, key),
+            fmt_ratio(ratio(f"speedup_{key}", old, new), "faster", "slower"))
+    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {n if n is not None else 'N'}")):
+        old, new = get(base, "throughput_per_s", key), get(comp, "throughput_per_s", key)
+        add(f"Throughput, {label}", _throughput(base, key), _throughput(comp, key),
+            fmt_ratio(_ratio(new, old), "higher", "lower"))
+    add("Peak memory", fmt_bytes(base.get("peak_memory_bytes")), fmt_bytes(comp.get("peak_memory_bytes")),
+        fmt_ratio(_ratio(base.get("peak_memory_bytes"), comp.get("peak_memory_bytes")), "less", "more"))
+
+    names = list(get(base, "metrics") or {})
+    names += [name for name in (get(comp, "metrics") or {}) if name not in names]
+    primary = primary_metric(report)
+    for name in names:
+        b_entry, c_entry = get(base, "metrics", name), get(comp, "metrics", name)
+        fraction = is_fraction_metric(get(b_entry, "value"), get(c_entry, "value"))
+        b_value, c_value = finite_number(get(b_entry, "value")), finite_number(get(c_entry, "value"))
+        diff = c_value - b_value if b_value is not None and c_value is not None else None
+        label = f"{name} (primary)" if name == primary else name
+        add(label, fmt_metric(b_entry, fraction), fmt_metric(c_entry, fraction),
+            (fmt_difference(diff, fraction), None))
+    agreement = comp.get("agreement_with_baseline")
+    if "agreement_with_baseline" in comp:
+        add("Agreement with baseline", "—", fmt_metric_value(agreement, True)
+            if is_fraction_metric(agreement) else fmt_sig(agreement, 4), ("—", None))
+    return rows
+
+
+def summary_table(report: dict) -> Table:
+    """The before/after console table the CLI prints: metric, baseline, compressed, change.
+
+    >>> from rich.console import Console  # doctest: +SKIP
+    >>> Console().print(summary_table(report))  # doctest: +SKIP
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    task, runtime = get(report, "task", "name"), get(report, "runtime", "name")
+    title = "Baseline vs compressed" + "".join(f", {part}" for part in (task, runtime) if part)
+    table = Table(title=title, title_justify="left")
+    table.add_column("Metric")
+    table.add_column("Baseline", justify="right")
+    table.add_column("Compressed", justify="right")
+    table.add_column("Change", justify="right")
+    styles = {"better": "green", "worse": "red"}
+    for row in comparison_rows(report):
+        # Text(), not str: metric names come from users and must not be read as Rich markup.
+        table.add_row(Text(row.label), Text(row.baseline), Text(row.compressed),
+                      Text(row.change, style=styles.get(row.judgement or "", "")))
+    return table

@@ -1,0 +1,30 @@
+"""ONNX Runtime on CPU with pinned threads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class OrtRunner:
+    """One ONNX Runtime session: ``run(x)`` returns the first output as numpy."""
+
+    def __init__(self, model: str | Path | bytes, *, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_type = self.session.get_inputs()[0].type
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if self.input_type == "tensor(float)" and x.dtype != np.float32:
+            x = x.astype(np.float32)
+        return self.session.run(None, {self.input_name: x})[0]

@@ -1,0 +1,164 @@
+"""Recovery fine-tuning on the fine-tune split, optionally distilling from the original model.
+
+Loss with labels: ``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)``
+(Hinton et al., 2015); without labels, distillation alone. A slice of the fine-tune split is held
+out for early stopping, so the test split stays untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from shrinkml.errors import InputError
+from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+
+
+class FinetuneConfig(StepConfig):
+    """Hyperparameters of recovery training."""
+
+    technique: Literal["finetune"] = "finetune"
+    epochs: int = Field(3, ge=1, le=10_000, description="maximum passes over the fine-tune split")
+    lr: float = Field(1e-3, gt=0, lt=10, description="learning rate")
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    distill: bool = Field(True, description="learn from the original model's outputs too")
+    temperature: float = Field(4.0, gt=0, description="softening temperature of the distillation KL")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss (1 = only KL)")
+    validation_fraction: float = Field(
+        0.1, ge=0, lt=1, description="part of the fine-tune split held out for early stopping"
+    )
+    patience: int | None = Field(2, ge=1, description="epochs without improvement before stopping")
+
+
+def _loss(student_out, teacher_out, y, config: FinetuneConfig, use_labels: bool):
+    terms = []
+    if use_labels:
+        ce = F.cross_entropy(student_out, y)
+        terms.append(ce if not config.distill else (1 - config.alpha) * ce)
+    if config.distill:
+        t = config.temperature
+        kl = F.kl_div(
+            F.log_softmax(student_out / t, dim=1),
+            F.log_softmax(teacher_out / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        )
+        terms.append((config.alpha if use_labels else 1.0) * t * t * kl)
+    return sum(terms)
+
+
+@register("finetune", FinetuneConfig)
+def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepResult:
+    data = ctx.splits.finetune
+    if len(data) == 0:
+        raise InputError(
+            "finetune has no data to train on",
+            where="finetune split",
+            expected="at least one example in the fine-tune split",
+            found="0 examples",
+            fix="give more data, or remove the finetune step",
+        )
+    use_labels = data.y is not None and ctx.task.name == "classification"
+    if not use_labels and not config.distill:
+        raise InputError(
+            "finetune has neither labels nor distillation to learn from",
+            where="finetune.distill",
+            expected="labels in the data, or distill: true",
+            fix="set distill: true to learn from the original model's outputs",
+        )
+    if config.distill and ctx.teacher is None:
+        raise InputError("distillation needs the original PyTorch model", where="finetune.distill")
+
+    torch.manual_seed(ctx.seed)
+    torch.set_num_threads(ctx.threads)
+    model = copy.deepcopy(state.torch_model)
+    teacher = ctx.teacher.eval() if config.distill else None
+
+    rng = np.random.default_rng(ctx.seed)
+    order = rng.permutation(len(data))
+    n_val = int(round(len(data) * config.validation_fraction)) if config.patience else 0
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    x_all = torch.from_numpy(np.ascontiguousarray(data.x))
+    y_all = torch.from_numpy(data.y.astype(np.int64)) if use_labels else None
+
+    masks = {}
+    params = dict(model.named_parameters())
+    for name in state.sparse_params:
+        if name in params:
+            masks[name] = params[name].detach() != 0
+
+    def apply_masks() -> None:
+        with torch.no_grad():
+            for name, mask in masks.items():
+                params[name].mul_(mask)
+
+    if config.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+
+    def evaluate(idx: np.ndarray) -> float:
+        model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(idx), 512):
+                b = torch.from_numpy(idx[start : start + 512])
+                xb = x_all[b]
+                tb = teacher(xb) if teacher is not None else None
+                yb = y_all[b] if y_all is not None else None
+                total += float(_loss(model(xb), tb, yb, config, use_labels)) * len(b)
+        return total / max(len(idx), 1)
+
+    best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
+    history = []
+    batches_per_epoch = max(1, len(train_idx) // config.batch_size)
+    with ctx.progress.bar("finetune", total=config.epochs * batches_per_epoch) as bar:
+        for epoch in range(config.epochs):
+            model.train()
+            perm = train_idx[rng.permutation(len(train_idx))]
+            running = 0.0
+            for i in range(batches_per_epoch):
+                b = torch.from_numpy(perm[i * config.batch_size : (i + 1) * config.batch_size])
+                xb = x_all[b]
+                with torch.no_grad():
+                    tb = teacher(xb) if teacher is not None else None
+                yb = y_all[b] if y_all is not None else None
+                loss = _loss(model(xb), tb, yb, config, use_labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                apply_masks()
+                running += float(loss.detach())
+                bar.advance(1, status=f"epoch {epoch + 1} loss {running / (i + 1):.4f}")
+            entry = {"epoch": epoch + 1, "train_loss": round(running / batches_per_epoch, 6)}
+            if n_val:
+                val = evaluate(val_idx)
+                entry["val_loss"] = round(val, 6)
+                if val < best_loss - 1e-6:
+                    best_loss, best_epoch, stale = val, epoch + 1, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    stale += 1
+            history.append(entry)
+            if n_val and config.patience is not None and stale >= config.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    summary = {
+        "epochs_run": len(history),
+        "best_epoch": best_epoch or len(history),
+        "train_examples": int(len(train_idx)),
+        "validation_examples": int(n_val),
+        "used_labels": use_labels,
+        "distill": config.distill,
+        "history": history,
+    }
+    return StepResult(ModelState("torch", torch_model=model, sparse_params=state.sparse_params), summary)

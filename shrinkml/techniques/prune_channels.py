@@ -1,0 +1,228 @@
+"""``prune.channels``: structured pruning that removes whole output channels / neurons.
+
+Torch-Pruning's dependency graph finds the layers that must be cut together (a conv, its
+BatchNorm, the next layer's input channels, both sides of a residual add), so the layers come out
+physically smaller: fewer parameters and fewer MACs, with no sparse kernels needed.
+
+``channel_ratio`` is the fraction of output channels removed from each prunable layer, not the
+fraction of parameters: removing half the channels of consecutive layers removes about three
+quarters of the weights between them. The summary reports both.
+
+The model's output layer (the last Linear/Conv to run, whose outputs are the model's outputs) is
+never pruned: that would change what the model predicts.
+
+>>> config = PruneChannelsConfig(channel_ratio=0.5, round_to=8)
+>>> result = apply(state, config, ctx)  # doctest: +SKIP
+>>> result.summary["param_reduction"]  # doctest: +SKIP
+0.74
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import traceback
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from shrinkml.errors import InputError
+from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+class PruneChannelsConfig(StepConfig):
+    """Hyperparameters of structured channel pruning."""
+
+    technique: Literal["prune.channels"] = "prune.channels"
+    channel_ratio: float = Field(0.5, ge=0, lt=1)
+    """Fraction of output channels (conv) or neurons (linear) removed from each prunable layer.
+    Named for what it counts: the parameter reduction is larger, and reported separately."""
+    importance: Literal["l1", "l2", "random"] = "l2"
+    """How channels are ranked: L1 or L2 norm of their weights (group-wise, across coupled layers);
+    ``random`` only as a baseline for experiments."""
+    global_pruning: bool = False
+    """Rank channels across all layers at once (layers end with different widths) instead of
+    removing ``channel_ratio`` from each layer."""
+    ignore: tuple[str, ...] = ()
+    """Module-name glob patterns (``fnmatch``) whose output channels are kept (their submodules too)."""
+    round_to: int | None = Field(None, ge=1)
+    """Keep each pruned layer's channel count a multiple of this (e.g. 8 for SIMD-friendly shapes)."""
+
+
+def _example_tensor(ctx: StepContext) -> torch.Tensor:
+    try:
+        return torch.as_tensor(ctx.example_input)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise InputError(
+            "prune.channels needs one example batch as a single tensor to trace the model",
+            where="prune.channels",
+            expected="a numpy array batch of model inputs",
+            found=f"{type(ctx.example_input).__name__} ({exc})",
+            fix="give data whose inputs are one array, or skip prune.channels for this model",
+        ) from exc
+
+
+def _forward(model: nn.Module, example: torch.Tensor, *, where: str) -> Any:
+    """Run the model once; when it fails, name the layer and the pruned layer feeding it."""
+    names = {module: name for name, module in model.named_modules()}
+    entered: list[nn.Module] = []
+
+    def pre_hook(module: nn.Module, _args: Any) -> None:
+        entered.append(module)
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            return model(example)
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is reported as input
+        failing = names.get(entered[-1], "?") if entered else "(before the first layer)"
+        feeding = [names.get(m, "?") for m in entered[:-1] if isinstance(m, _LAYERS)]
+        fix = "derive shapes in forward from the input tensor (x.flatten(1), not x.view(-1, 512))"
+        if feeding:
+            fix = f"add the layer feeding it to ignore (ignore: [{feeding[-1]!r}]), or {fix}"
+        raise InputError(
+            f"the model's forward fails {where}",
+            where=f"prune.channels, at or after layer {failing!r}",
+            expected="a forward that works for any channel count (no hard-coded widths in view/reshape)",
+            found=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            fix=fix,
+        ) from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The Linear/Conv layers whose outputs are the model's outputs (the classifier head).
+
+    The last Linear/Conv to run in the forward pass, plus any other whose output tensor is returned
+    unchanged (models with several heads).
+    """
+    # Keep the output tensors themselves: ids of freed intermediates get reused by later tensors.
+    order: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def hook(module: nn.Module, _args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor):
+            order.append((module, output))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
+    try:
+        outputs = _forward(model, example, where="on the example input")
+    finally:
+        for handle in handles:
+            handle.remove()
+    output_ids = {id(t) for t in _tensors(outputs)}
+    found = [m for m, out in order if id(out) in output_ids]
+    if order:
+        found.append(order[-1][0])
+    return list(dict.fromkeys(found))
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a forward's output (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
+    return [t for t in items if isinstance(t, torch.Tensor)]
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields tied tensors once
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    if name == "random":
+        return tp.importance.RandomImportance()
+    return tp.importance.GroupMagnitudeImportance(p=1 if name == "l1" else 2)
+
+
+@register("prune.channels", PruneChannelsConfig)
+def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> StepResult:
+    """Remove ``channel_ratio`` of the output channels of each prunable layer; input state untouched."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(state.torch_model)
+    example = _example_tensor(ctx)
+    # Trace in eval mode: a forward in train mode would update BatchNorm running statistics.
+    training = {name: m.training for name, m in model.named_modules()}
+    model.eval()
+
+    ignored = {m for m in _output_layers(model, example)}
+    for name, module in model.named_modules():
+        if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.ignore):
+            ignored.update(module.modules())
+    prunable = [m for m in model.modules() if isinstance(m, _LAYERS) and m not in ignored]
+    expected_output = _forward(model, example, where="on the example input")
+    channels_before = sum(_out_channels(m) for m in prunable)
+    params_before = _count_params(model)
+
+    if config.channel_ratio > 0 and prunable:
+        # Random importance draws from torch's generator: seed a private copy of it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            try:
+                pruner = tp.pruner.MetaPruner(
+                    model,
+                    example_inputs=example,
+                    importance=_importance(config.importance),
+                    global_pruning=config.global_pruning,
+                    pruning_ratio=config.channel_ratio,
+                    ignored_layers=list(ignored),
+                    round_to=config.round_to,
+                )
+                pruner.step()
+            except Exception as exc:  # noqa: BLE001 - torch-pruning raises plain exceptions
+                frame = traceback.extract_tb(exc.__traceback__)[-1]
+                raise InputError(
+                    "torch-pruning could not trace or cut this model",
+                    where="prune.channels",
+                    expected="layers and ops torch-pruning supports",
+                    found=f"{type(exc).__name__}: {exc} (in {frame.name}, {frame.filename.rsplit('/', 1)[-1]})",
+                    fix="add the layer named in the message to ignore:, or skip prune.channels for this model",
+                ) from exc
+
+    emptied = [n for n, m in model.named_modules() if isinstance(m, _LAYERS) and _out_channels(m) == 0]
+    if emptied:
+        raise InputError(
+            "pruning removed every channel of some layers",
+            where=f"prune.channels, layers {emptied}",
+            expected="at least one channel left in each layer",
+            found=f"channel_ratio={config.channel_ratio}, global_pruning={config.global_pruning}",
+            fix="lower channel_ratio, set global_pruning: false, or ignore those layers",
+        )
+    output = _forward(model, example, where="after pruning")
+    shapes = [tuple(t.shape) for t in _tensors(output)]
+    expected_shapes = [tuple(t.shape) for t in _tensors(expected_output)]
+    if shapes != expected_shapes:
+        raise InputError(
+            "pruning changed the shape of the model's output",
+            where="prune.channels",
+            expected=f"output shapes {expected_shapes}",
+            found=f"{shapes}",
+            fix="add the output layer(s) to ignore",
+        )
+    for name, module in model.named_modules():
+        module.training = training.get(name, module.training)
+
+    channels_after = sum(_out_channels(m) for m in prunable)
+    params_after = _count_params(model)
+    summary = {
+        "channel_ratio": config.channel_ratio,
+        "channels_before": channels_before,
+        "channels_after": channels_after,
+        "params_before": params_before,
+        "params_after": params_after,
+        "param_reduction": 1 - params_after / params_before if params_before else 0.0,
+    }
+    return StepResult(replace(state, torch_model=model), summary)

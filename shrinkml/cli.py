@@ -64,7 +64,7 @@ def _settings(**kwargs):
         raise InputError(err["msg"], where=option, found=repr(err.get("input")), fix=f"pass a valid {option}") from None
 
 
-def _progress(json_out: bool):
+def _progress():
     from shrinkml.progress import Progress
 
     return Progress()  # stderr only, and only when it is a terminal
@@ -143,7 +143,7 @@ def compress(
     result = run_compress(
         model, recipe, data=data, task=task.value, weights=weights, out=out,
         budget=Budget(max_drop=max_drop, drop_type=drop_type.value), settings=settings,
-        progress=_progress(json_out),
+        progress=_progress(),
     )
     _finish(result, out, json_out)
 
@@ -165,7 +165,7 @@ def bench(
     from shrinkml.api import bench as run_bench
 
     settings = _settings(runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, seed=seed)
-    result = run_bench(model, data=data, task=task.value, weights=weights, settings=settings, progress=_progress(json_out))
+    result = run_bench(model, data=data, task=task.value, weights=weights, settings=settings, progress=_progress())
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
         return
@@ -206,7 +206,7 @@ def demo(
     from shrinkml.api import compress as run_compress
     from shrinkml.examples.demo import DEMO_RECIPE, build_demo_model, demo_data
 
-    progress = _progress(json_out)
+    progress = _progress()
     settings = _settings(seed=seed, threads=threads)
     splits = demo_data(seed)
     progress.log("training the FP32 demo CNN on the fine-tune split of the digits")
@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        app(args=args, standalone_mode=False, prog_name="shrinkml")
-        return 0
+        # without standalone mode, click returns a command's exit code instead of raising Exit
+        code = app(args=args, standalone_mode=False, prog_name="shrinkml")
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except click.exceptions.Exit as exc:

@@ -67,7 +67,7 @@ def _onnx_artifact(state, label, example, workdir, threads, tolerance, opset) ->
             state.torch_model, example, tolerance=tolerance, threads=threads, opset=opset, label=label
         )
     else:
-        model = state.onnx_model
+        model, diff = state.onnx_model, state.export_max_abs_diff
     input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     macs = onnx_macs(model, {input_name: [1, *example.shape[1:]]})
     encoded, encoding = encode_sparse_initializers(model)

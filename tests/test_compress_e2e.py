@@ -64,6 +64,7 @@ def test_compress_report_contract_and_files(trained, tmp_path):
     assert report["cost"]["compressed"]["cost_per_million_inferences"] > 0
     assert report["environment"]["threads"] == 1
     assert report["export"]["baseline_max_abs_diff"] < 1e-4
+    assert report["export"]["compressed_max_abs_diff"] < 1e-4  # the float export, before INT8
     # files: artifact, resolved recipe that round-trips, reports; nothing partial
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["manifest.json", "model.onnx", "recipe.yaml", "report.html", "report.json", "report.md"]

@@ -47,6 +47,8 @@ class ModelState:
     torch_model: torch.nn.Module | None = None
     onnx_model: onnx.ModelProto | None = None
     sparse_params: frozenset[str] = frozenset()
+    # set by the step that exported PyTorch -> ONNX: max abs difference ONNX Runtime vs PyTorch
+    export_max_abs_diff: float | None = None
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,8 @@ def apply(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext) ->
             fix="add the model's op types (e.g. Conv) to op_types",
         )
     summary["quantized_ops"] = int_ops
-    return StepResult(
-        ModelState("onnx", onnx_model=quantized, torch_model=None, sparse_params=state.sparse_params),
-        summary,
+    export_diff = summary.get("export_max_abs_diff", state.export_max_abs_diff)
+    new_state = ModelState(
+        "onnx", onnx_model=quantized, sparse_params=state.sparse_params, export_max_abs_diff=export_diff
     )
+    return StepResult(new_state, summary)

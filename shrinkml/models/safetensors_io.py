@@ -38,7 +38,7 @@ _CONVERT_FIX = (
 
 
 def _encodable(tensor: torch.Tensor) -> bool:
-    return tensor.numel() > 0 and not tensor.is_complex()
+    return tensor.numel() > 0 and not (tensor.is_complex() or tensor.is_quantized)
 
 
 def save_state_dict(
@@ -71,6 +71,14 @@ def save_state_dict(
                 expected="keys without '::'",
                 found=name,
                 fix="rename the parameter or buffer",
+            )
+        if not isinstance(tensor, torch.Tensor):
+            raise InputError(
+                "a state dict value is not a tensor",
+                where=f"state dict key {name!r}",
+                expected="torch.Tensor values (safetensors stores tensors only)",
+                found=type(tensor).__name__,
+                fix="drop the entry, or put the value into metadata as a string",
             )
         tensor = tensor.detach().cpu()
         storage = tensor.untyped_storage()
@@ -253,7 +261,8 @@ def fit_module_to_state_dict(module: nn.Module, state_dict: dict[str, torch.Tens
                 fix="build the model with the saved sizes, or prune only Conv/Linear/norm/Embedding layers",
             )
         groups = new_sizes.get("groups")
-        if groups is not None and (groups < 1 or new_sizes["in_channels"] % groups or new_sizes["out_channels"] % groups):
+        channels = (new_sizes.get("in_channels", 0), new_sizes.get("out_channels", 0))
+        if groups is not None and (groups < 1 or any(c % groups for c in channels)):
             raise InputError(
                 "the saved convolution shape does not divide into the layer's groups",
                 where=f"layer {prefix!r}",

@@ -97,11 +97,12 @@ def _forward(model: nn.Module, example: torch.Tensor, *, where: str) -> Any:
             handle.remove()
 
 
-def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
-    """The Linear/Conv layers whose outputs are the model's outputs (the classifier head).
+def _output_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[nn.Module], list[tuple[int, ...]]]:
+    """The Linear/Conv layers whose outputs are the model's outputs (the classifier head), and
+    the shapes of those outputs.
 
-    The last Linear/Conv to run in the forward pass, plus any other whose output tensor is returned
-    unchanged (models with several heads).
+    The layers are the last Linear/Conv to run in the forward pass, plus any other whose output
+    tensor is returned unchanged (models with several heads).
     """
     # Keep the output tensors themselves: ids of freed intermediates get reused by later tensors.
     order: list[tuple[nn.Module, torch.Tensor]] = []
@@ -120,7 +121,7 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     found = [m for m, out in order if id(out) in output_ids]
     if order:
         found.append(order[-1][0])
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)), [tuple(t.shape) for t in _tensors(outputs)]
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -153,17 +154,17 @@ def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> S
     import torch_pruning as tp
 
     model = copy.deepcopy(state.torch_model)
-    example = _example_tensor(ctx)
+    example = _example_tensor(ctx).to(next(model.parameters(), torch.empty(0)).device)
     # Trace in eval mode: a forward in train mode would update BatchNorm running statistics.
     training = {name: m.training for name, m in model.named_modules()}
     model.eval()
 
-    ignored = {m for m in _output_layers(model, example)}
+    output_layers, expected_shapes = _output_layers(model, example)
+    ignored = set(output_layers)
     for name, module in model.named_modules():
         if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.ignore):
             ignored.update(module.modules())
     prunable = [m for m in model.modules() if isinstance(m, _LAYERS) and m not in ignored]
-    expected_output = _forward(model, example, where="on the example input")
     channels_before = sum(_out_channels(m) for m in prunable)
     params_before = _count_params(model)
 
@@ -189,7 +190,7 @@ def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> S
                     where="prune.channels",
                     expected="layers and ops torch-pruning supports",
                     found=f"{type(exc).__name__}: {exc} (in {frame.name}, {frame.filename.rsplit('/', 1)[-1]})",
-                    fix="add the layer named in the message to ignore:, or skip prune.channels for this model",
+                    fix="add the layers around that op to ignore: (module-name globs), or skip prune.channels",
                 ) from exc
 
     emptied = [n for n, m in model.named_modules() if isinstance(m, _LAYERS) and _out_channels(m) == 0]
@@ -203,7 +204,6 @@ def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> S
         )
     output = _forward(model, example, where="after pruning")
     shapes = [tuple(t.shape) for t in _tensors(output)]
-    expected_shapes = [tuple(t.shape) for t in _tensors(expected_output)]
     if shapes != expected_shapes:
         raise InputError(
             "pruning changed the shape of the model's output",

@@ -102,7 +102,9 @@ def test_registered():
 
 
 def test_config_round_trips():
-    config = pc.PruneChannelsConfig(channel_ratio=0.3, importance="l1", global_pruning=True, ignore=("a.*",), round_to=8)
+    config = pc.PruneChannelsConfig(
+        channel_ratio=0.3, importance="l1", global_pruning=True, ignore=("a.*",), round_to=8
+    )
     assert pc.PruneChannelsConfig.model_validate(config.model_dump()) == config
     assert pc.PruneChannelsConfig.model_validate_json(config.model_dump_json()) == config
 
@@ -181,7 +183,8 @@ def test_output_layer_found_by_forward_order():
 
 
 def test_round_to_keeps_multiples():
-    result = pc.apply(ModelState("torch", mlp()), pc.PruneChannelsConfig(channel_ratio=0.3, round_to=8), make_ctx(CASES[0]))
+    config = pc.PruneChannelsConfig(channel_ratio=0.3, round_to=8)
+    result = pc.apply(ModelState("torch", mlp()), config, make_ctx(CASES[0]))
     assert result.state.torch_model[0].out_features % 8 == 0
     assert result.state.torch_model[0].out_features < 64
 
@@ -210,3 +213,35 @@ def test_hard_coded_shapes_are_an_input_error_naming_the_layer():
     case = Case("view", HardCodedView, (2, 3, 8, 8), "fc")
     with pytest.raises(InputError, match="ignore: \\['conv'\\]"):
         pc.apply(ModelState("torch", HardCodedView()), pc.PruneChannelsConfig(), make_ctx(case))
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.classes = nn.Linear(32, 4)
+        self.boxes = nn.Linear(32, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.classes(h), self.boxes(h)
+
+
+def test_every_output_head_is_kept():
+    case = Case("two-heads", TwoHeads, (8, 16), "boxes")
+    pruned = pc.apply(ModelState("torch", TwoHeads()), pc.PruneChannelsConfig(), make_ctx(case)).state.torch_model
+    assert (pruned.classes.out_features, pruned.boxes.out_features) == (4, 2)
+    assert pruned.body[0].out_features == 16
+
+
+def test_torch_pruning_failure_is_an_input_error(monkeypatch):
+    import torch_pruning as tp
+
+    def failing_pruner(*args, **kwargs):
+        raise RuntimeError("unsupported operation aten::weird")
+
+    monkeypatch.setattr(tp.pruner, "MetaPruner", failing_pruner)
+    with pytest.raises(InputError, match="aten::weird") as info:
+        pc.apply(ModelState("torch", mlp()), pc.PruneChannelsConfig(), make_ctx(CASES[0]))
+    assert "ignore" in info.value.fix

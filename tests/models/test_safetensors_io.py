@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,8 +97,10 @@ def test_shared_and_strided_tensors_are_saved(tmp_path):
 def test_write_is_atomic(tmp_path):
     target = tmp_path / "m.safetensors"
     save_state_dict({"a": torch.ones(3)}, target)
-    with pytest.raises(Exception):
+    with pytest.raises(InputError, match="not a tensor"):
         save_state_dict({"a": torch.ones(3), "b": "not a tensor"}, target)
+    with pytest.raises(Exception):  # a failure inside the writer leaves the old file in place
+        save_state_dict({"a": torch.ones(3)}, target, metadata={"n": 1})
     assert torch.equal(load_state_dict(target)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 

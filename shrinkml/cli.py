@@ -236,23 +236,19 @@ def techniques(name: Optional[str] = typer.Argument(None, help="Show one techniq
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, map errors to exit codes, and keep tracebacks for ``--debug``."""
-    import click
-
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     try:
-        # without standalone mode, click returns a command's exit code instead of raising Exit
+        # without standalone mode, a command's exit code is returned instead of raised
         code = app(args=args, standalone_mode=False, prog_name="shrinkml")
         return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
+    except typer.Abort:
+        typer.echo("Aborted; nothing was written to the output folder.", err=True)
         return 2
-    except click.exceptions.Abort:
-        typer.echo("Aborted.", err=True)
+    except typer.TyperException as exc:  # usage errors: unknown option, missing value, ...
+        exc.show()
         return 2
     except ShrinkmlError as exc:
         if debug:

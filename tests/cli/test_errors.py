@@ -131,3 +131,10 @@ def test_debug_shows_the_traceback(user_project):
 
     with pytest.raises(InputError):
         main(["--debug", *_compress(data="nope.npz")])
+
+
+def test_usage_errors_exit_2_and_help_exits_0(capsys):
+    assert main(["compress", "--no-such-option"]) == 2
+    assert "no-such-option" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "compress" in capsys.readouterr().out

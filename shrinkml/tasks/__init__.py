@@ -43,7 +43,6 @@ class Task:
     compressed model's outputs to the original's (top-1 agreement for class scores, else cosine)."""
 
     name: TaskName
-    uses_labels: bool
 
     def primary_metric(self, outputs_shape: tuple[int, ...]) -> str:
         if self.name == "classification":
@@ -65,19 +64,16 @@ class Task:
     ) -> dict[str, np.ndarray]:
         """Per-example scores on ``data``; ``reference`` holds the original model's outputs."""
         scores: dict[str, np.ndarray] = {}
-        if data.y is not None and outputs.ndim == 2 and outputs.shape[1] >= 2:
-            if self.name == "classification" or self.uses_labels:
-                scores["accuracy"] = (outputs.argmax(axis=1) == data.y).astype(np.float64)
+        if data.y is not None and outputs.ndim == 2 and outputs.shape[1] >= 2:  # labels: accuracy too
+            scores["accuracy"] = (outputs.argmax(axis=1) == data.y).astype(np.float64)
         if self.name == "fidelity":
             scores.update(fidelity_scores(outputs, reference))
         return scores
 
 
 def get_task(name: str) -> Task:
-    if name == "classification":
-        return Task("classification", uses_labels=True)
-    if name == "fidelity":
-        return Task("fidelity", uses_labels=True)
+    if name in ("classification", "fidelity"):
+        return Task(name)
     raise InputError(
         f"unknown task {name!r}",
         where="--task",

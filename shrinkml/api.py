@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from shrinkml.budget import Budget
 from shrinkml.cost import CostSettings, cost_report, model_cost
 from shrinkml.data import SplitFractions, Splits, load_data
 from shrinkml.errors import InputError
@@ -52,15 +53,6 @@ class RunSettings(BaseModel):
     measure_memory: bool = True
     splits: SplitFractions = SplitFractions()
     cost: CostSettings = CostSettings()
-
-
-class Budget(BaseModel):
-    """Largest acceptable drop of the task's primary metric, checked against the CI's worst end."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_drop: float = Field(0.01, ge=0)
-    drop_type: Literal["absolute", "relative"] = "absolute"
 
 
 @dataclass
@@ -258,6 +250,7 @@ def compress(
             progress=progress,
             workdir=workdir,
             export_tolerance=settings.export_tolerance,
+            budget=budget,
         )
         step_reports = []
         for i, step in enumerate(recipe.steps):

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # heavy imports only for type checkers
     import onnx
     import torch
 
+    from shrinkml.budget import Budget
     from shrinkml.data import Splits
     from shrinkml.progress import Progress
     from shrinkml.tasks import Task
@@ -65,6 +66,7 @@ class StepContext:
     workdir: Path  # scratch folder for intermediate files; removed after the run
     opset: int = 17
     export_tolerance: float = 1e-4  # max abs difference ONNX Runtime vs PyTorch after export
+    budget: Budget | None = None  # the run's accuracy budget, for steps that search to meet it
 
 
 @dataclass

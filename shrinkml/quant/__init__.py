@@ -1,0 +1,1 @@
+"""Quantization building blocks shared by the quantize.* techniques."""

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from shrinkml.errors import InputError
 from shrinkml.runtimes.export import export_verified
+from shrinkml.runtimes.onnx_names import module_name, select_nodes
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 
 # ONNX Runtime's ConvInteger kernel is slower than its FP32 Conv on x86 CPUs, so by default only the
@@ -27,9 +28,15 @@ class QuantizeDynamicConfig(StepConfig):
     op_types: tuple[str, ...] = Field(
         DEFAULT_OP_TYPES, min_length=1, description="ONNX op types to quantize"
     )
+    keep_float: Literal["auto"] | tuple[str, ...] = Field(
+        (),
+        description="layers left in float: module-name globs or ONNX node names; 'auto' keeps the"
+        " fewest layers needed to meet the accuracy budget",
+    )
 
 
-def _to_onnx(state: ModelState, ctx: StepContext) -> tuple[onnx.ModelProto, dict]:
+def float_onnx(state: ModelState, ctx: StepContext) -> tuple[onnx.ModelProto, dict]:
+    """The model as float ONNX: exported and verified against PyTorch when it is a torch model."""
     if state.kind == "onnx":
         return state.onnx_model, {}
     model, diff = export_verified(
@@ -42,36 +49,62 @@ def _to_onnx(state: ModelState, ctx: StepContext) -> tuple[onnx.ModelProto, dict
     return model, {"export_max_abs_diff": diff, "export_tolerance": ctx.export_tolerance}
 
 
-@register("quantize.dynamic", QuantizeDynamicConfig, accepts=("torch", "onnx"), produces="onnx")
-def apply(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext) -> StepResult:
+def build_quantizer(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext):
+    """``(float_model, quantize, summary)``: ``quantize(keep)`` returns the INT8 model with the
+    nodes named in ``keep`` left in float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    model, summary = _to_onnx(state, ctx)
+    model, summary = float_onnx(state, ctx)
     float_path = ctx.workdir / "quantize_dynamic.float.onnx"
     pre_path = ctx.workdir / "quantize_dynamic.pre.onnx"
     out_path = ctx.workdir / "quantize_dynamic.int8.onnx"
     onnx.save(model, float_path)
-    try:
-        quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=True)
-        quantize_dynamic(
-            str(pre_path),
-            str(out_path),
-            weight_type=QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8,
-            per_channel=config.per_channel,
-            reduce_range=config.reduce_range,
-            op_types_to_quantize=list(config.op_types),
-        )
-    except Exception as exc:
-        raise InputError(
-            f"ONNX Runtime could not quantize the model ({type(exc).__name__}: {exc})",
-            where="quantize.dynamic",
-            fix="try per_channel: false, or restrict op_types",
-        ) from exc
-    quantized = onnx.load(str(out_path))
+    quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=True)
+
+    def quantize(keep: list[str]) -> onnx.ModelProto:
+        try:
+            quantize_dynamic(
+                str(pre_path),
+                str(out_path),
+                weight_type=QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8,
+                per_channel=config.per_channel,
+                reduce_range=config.reduce_range,
+                op_types_to_quantize=list(config.op_types),
+                # ORT rewrites each Gemm into "<name>_MatMul" after reading this list (1.32)
+                nodes_to_exclude=[*keep, *(name + "_MatMul" for name in keep)],
+            )
+        except Exception as exc:
+            raise InputError(
+                f"ONNX Runtime could not quantize the model ({type(exc).__name__}: {exc})",
+                where="quantize.dynamic",
+                fix="try per_channel: false, or restrict op_types",
+            ) from exc
+        return onnx.load(str(out_path))
+
+    return model, quantize, summary
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for node in quantized.graph.node:
+    for node in model.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+@register("quantize.dynamic", QuantizeDynamicConfig, accepts=("torch", "onnx"), produces="onnx")
+def apply(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext) -> StepResult:
+    float_model, quantize, summary = build_quantizer(state, config, ctx)
+    if config.keep_float == "auto":
+        from shrinkml.quant.sensitivity import choose_keep_float
+
+        keep, summary["keep_float_search"] = choose_keep_float(
+            float_model, quantize, ctx, where="quantize.dynamic.keep_float"
+        )
+    else:
+        keep = select_nodes(float_model, config.keep_float, where="quantize.dynamic.keep_float")
+    quantized = quantize(keep)
+    counts = _op_counts(quantized)
     int_ops = {k: v for k, v in counts.items() if "Integer" in k or "Quant" in k}
     if not int_ops:
         raise InputError(
@@ -82,6 +115,7 @@ def apply(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext) ->
             fix="add the model's op types (e.g. Conv) to op_types",
         )
     summary["quantized_ops"] = int_ops
+    summary["kept_float"] = sorted(module_name(name) or name for name in keep)
     export_diff = summary.get("export_max_abs_diff", state.export_max_abs_diff)
     new_state = ModelState(
         "onnx", onnx_model=quantized, sparse_params=state.sparse_params, export_max_abs_diff=export_diff

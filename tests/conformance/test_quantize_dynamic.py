@@ -68,3 +68,16 @@ def test_nothing_to_quantize_is_a_clear_error(tmp_path):
     ctx = make_ctx(model, tmp_path)
     with pytest.raises(InputError, match="found nothing to quantize"):
         apply(ModelState("torch", torch_model=model), QuantizeDynamicConfig(op_types=("MatMul",)), ctx)
+
+
+def test_keep_float_leaves_the_named_layer_float(tmp_path):
+    from tests.conftest import tiny_mlp
+
+    model = tiny_mlp()
+    ctx = make_ctx(model, tmp_path)
+    out = apply(ModelState("torch", torch_model=model), QuantizeDynamicConfig(keep_float=("3",)), ctx)
+    ops = [n.op_type for n in out.state.onnx_model.graph.node]
+    assert ops.count("MatMulInteger") == 1  # layer "1" quantized, layer "3" (the head) float
+    assert out.summary["kept_float"] == ["3"]
+    with pytest.raises(InputError, match="no layer matches 'head'"):
+        apply(ModelState("torch", torch_model=model), QuantizeDynamicConfig(keep_float=("head",)), ctx)

@@ -14,15 +14,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Budget", "CompressResult", "Recipe", "RunSettings", "bench", "compress", "__version__"]
+__all__ = ["Budget", "CompressResult", "Recipe", "RunSettings", "bench", "compress", "explain", "__version__"]
 
 if TYPE_CHECKING:
-    from shrinkml.api import Budget, CompressResult, RunSettings, bench, compress
+    from shrinkml.api import Budget, CompressResult, RunSettings, bench, compress, explain
     from shrinkml.recipe import Recipe
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"Budget", "CompressResult", "RunSettings", "bench", "compress"}:
+    if name in {"Budget", "CompressResult", "RunSettings", "bench", "compress", "explain"}:
         from shrinkml import api
 
         return getattr(api, name)

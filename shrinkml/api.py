@@ -397,3 +397,85 @@ def bench(
         },
         "environment": environment(threads=settings.threads, seed=settings.seed),
     }
+
+
+def explain(
+    model: Any,
+    recipe: Recipe | str | Path | list | dict,
+    *,
+    data: Any,
+    task: str = "classification",
+    weights: str | Path | None = None,
+    out: str | Path | None = None,
+    settings: RunSettings | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Which layers cost accuracy when quantized: the recipe's last step must be a quantizer.
+
+    Steps before it run as in ``compress``. Then each weight layer is quantized alone (all others
+    float) and scored against the float model on the test split: output SQNR in dB and the drop of
+    the task's primary metric. With ``out``, writes ``explain.{json,md,html}`` there.
+    """
+    from dataclasses import asdict
+
+    from shrinkml.environment import environment
+    from shrinkml.quant.sensitivity import Evaluator, layer_sensitivity, sqnr_db
+    from shrinkml.techniques.base import StepContext, registry
+
+    settings = settings or RunSettings()
+    progress = progress or SILENT
+    recipe = as_recipe(recipe)
+    techniques = registry()
+    last = recipe.steps[-1]
+    if techniques[last.technique].build_quantizer is None:
+        quantizers = sorted(name for name, t in techniques.items() if t.build_quantizer is not None)
+        raise InputError(
+            f"explain analyses a quantization step, but the recipe ends with {last.technique}",
+            where=f"steps[{len(recipe.steps) - 1}]",
+            expected="one of " + ", ".join(quantizers),
+            fix="end the recipe with the quantization step to analyse",
+        )
+    task_obj, loaded, splits, example = _prepare(
+        model, data, task, weights, settings, needs_labels=task == "classification"
+    )
+    recipe.check_model_kind(loaded.kind)
+    with tempfile.TemporaryDirectory(prefix="shrinkml-") as tmp:
+        state = _initial_state(loaded)
+        teacher = copy.deepcopy(loaded.module).eval() if loaded.kind == "torch" else None
+        ctx = StepContext(
+            splits=splits, task=task_obj, teacher=teacher, example_input=example, seed=settings.seed,
+            threads=settings.threads, progress=progress, workdir=Path(tmp),
+            export_tolerance=settings.export_tolerance,
+        )
+        for step in recipe.steps[:-1]:
+            state = techniques[step.technique].apply(state, step, ctx).state
+        float_model, quantize, _ = techniques[last.technique].build_quantizer(state, last, ctx)
+        evaluator = Evaluator(float_model, splits.test, task_obj, settings.threads, settings.seed)
+        progress.log("quantizing each layer alone")
+        rows = layer_sensitivity(float_model, quantize, evaluator)
+        all_outputs = evaluator.outputs(quantize([]))
+        value, worst = evaluator.drop(all_outputs)
+    layers = sorted((asdict(r) for r in rows), key=lambda r: (-r["metric_drop"], r["output_sqnr_db"]))
+    result = {
+        "schema": "shrinkml.explain/1",
+        "model": {"source": loaded.source, "weights": loaded.weights},
+        "task": task_obj.name,
+        "metric": evaluator.primary,
+        "technique": last.model_dump(mode="json"),
+        "data": {"source": splits.source, "evaluated_on": "test", "examples": len(splits.test), "seed": settings.seed},
+        "all_quantized": {"drop": value, "drop_ci95_upper": worst, "output_sqnr_db": sqnr_db(evaluator.reference, all_outputs)},
+        "layers": layers,
+        "environment": environment(threads=settings.threads, seed=settings.seed),
+    }
+    if out is not None:
+        import json
+
+        from shrinkml.report.explain import render_explain_html, render_explain_markdown
+        from shrinkml.report.json_report import to_jsonable
+
+        _stage_outputs(Path(out), {
+            "explain.json": json.dumps(to_jsonable(result), indent=2) + "\n",
+            "explain.md": render_explain_markdown(result),
+            "explain.html": render_explain_html(result),
+        })
+    return result

@@ -218,6 +218,36 @@ def demo(
 
 
 @app.command()
+def explain(
+    model: str = typer.Option(..., help="package.module:factory (with --weights) or a .onnx file."),
+    data: str = typer.Option(..., help=".npz with x and y, package.module:function, or builtin:digits."),
+    recipe: Path = typer.Option(..., help="Recipe YAML whose last step is the quantizer to analyse."),
+    out: Optional[Path] = typer.Option(None, help="Folder for explain.{json,md,html}."),
+    weights: Optional[str] = typer.Option(None, help="Weights (.safetensors) for a factory model."),
+    task: TaskName = typer.Option(TaskName.classification),
+    threads: Optional[int] = COMMON["threads"],
+    seed: Optional[int] = COMMON["seed"],
+    json_out: bool = COMMON["json_out"],
+) -> None:
+    """Show which layers cost accuracy when quantized (per-layer SQNR and metric drop)."""
+    from shrinkml.api import explain as run_explain
+
+    settings = _settings(threads=threads, seed=seed)
+    result = run_explain(model, recipe, data=data, task=task.value, weights=weights, out=out,
+                         settings=settings, progress=_progress())
+    if json_out:
+        from shrinkml.report.json_report import to_jsonable
+
+        sys.stdout.write(json.dumps(to_jsonable(result), indent=2) + "\n")
+        return
+    from rich.console import Console
+
+    from shrinkml.report.explain import explain_table
+
+    Console().print(explain_table(result))
+
+
+@app.command()
 def techniques(name: Optional[str] = typer.Argument(None, help="Show one technique's keys.")) -> None:
     """List the registered techniques, or one technique's keys, defaults and ranges."""
     from shrinkml.techniques.base import registry

@@ -66,7 +66,7 @@ def selection_data(ctx) -> tuple[ArrayData, str]:
     )
 
 
-class _Evaluator:
+class Evaluator:
     """Runs candidate models on the selection data and scores them against the float model."""
 
     def __init__(self, float_model: onnx.ModelProto, data: ArrayData, task, threads: int, seed: int) -> None:
@@ -90,7 +90,7 @@ class _Evaluator:
         return value, hi
 
 
-def layer_sensitivity(float_model: onnx.ModelProto, quantize: Quantizer, evaluator: _Evaluator) -> list[LayerSensitivity]:
+def layer_sensitivity(float_model: onnx.ModelProto, quantize: Quantizer, evaluator: Evaluator) -> list[LayerSensitivity]:
     """Quantize one layer at a time (all others float) and measure output SQNR and metric drop."""
     nodes = weight_nodes(float_model)
     initializers = {t.name: t for t in float_model.graph.initializer}
@@ -112,7 +112,7 @@ def layer_sensitivity(float_model: onnx.ModelProto, quantize: Quantizer, evaluat
     return rows
 
 
-def _allowed(budget: Budget, evaluator: _Evaluator, worst_drop: float) -> bool:
+def _allowed(budget: Budget, evaluator: Evaluator, worst_drop: float) -> bool:
     return budget.allows(worst_drop, float(np.mean(evaluator.base_scores)))
 
 
@@ -125,7 +125,7 @@ def choose_keep_float(
     """
     budget = ctx.budget or Budget()
     data, split = selection_data(ctx)
-    evaluator = _Evaluator(float_model, data, ctx.task, ctx.threads, ctx.seed)
+    evaluator = Evaluator(float_model, data, ctx.task, ctx.threads, ctx.seed)
     ctx.progress.log(f"{where}: all layers quantized, checking the budget on the {split} split")
     value, worst = evaluator.drop(evaluator.outputs(quantize([])))
     trials = [{"kept_float": 0, "drop": value, "drop_ci95_upper": worst}]

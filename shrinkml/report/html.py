@@ -84,16 +84,17 @@ def _inline_svg(svg: str, label: str) -> str:
     return svg[start:].replace("<svg", f'<svg role="img" aria-label="{_e(label)}"', 1)
 
 
-def _plots_section(figures: dict[str, str]) -> str:
+def _plots_section(figures: dict[str, str], title: str = "Trade-off",
+                   note: str = "Error bars are 95% bootstrap confidence intervals; the x axes start at zero.") -> str:
     items = []
     for key, svg in figures.items():
         caption = _PLOT_CAPTIONS.get(key, key)
         items.append(f"<figure>{_inline_svg(svg, caption)}<figcaption>{_e(caption)}</figcaption></figure>")
-    return (f'<section id="plots"><h2>Trade-off</h2><div class="plots">{"".join(items)}</div>'
-            "<p>Error bars are 95% bootstrap confidence intervals; the x axes start at zero.</p></section>")
+    return (f'<section id="plots"><h2>{_e(title)}</h2><div class="plots">{"".join(items)}</div>'
+            f"<p>{_e(note)}</p></section>")
 
 
-def _page(doc: Document, figures: dict[str, str]) -> str:
+def _page(doc: Document, figures: dict[str, str], *, plots_after: str = "delta", **plots: str) -> str:
     state = {True: "met", False: "not-met"}.get(doc.verdict.met, "unknown")
     body = [f"<h1>{_e(doc.title)}</h1>", f'<p class="byline">{_e(doc.byline)}</p>',
             f'<div class="verdict {state}" role="status"><strong>{_e(doc.verdict.label)}:</strong> '
@@ -102,8 +103,8 @@ def _page(doc: Document, figures: dict[str, str]) -> str:
     for section in doc.sections:
         blocks = "".join(_block(block) for block in section.blocks)
         body.append(f'<section id="{_e(section.key)}"><h2>{_e(section.title)}</h2>{blocks}</section>')
-        if section.key == "delta":  # the plots illustrate what changed, so they follow it
-            body.append(_plots_section(figures))
+        if section.key == plots_after:  # the plots illustrate that section, so they follow it
+            body.append(_plots_section(figures, **plots))
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en">',

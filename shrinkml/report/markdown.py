@@ -225,6 +225,29 @@ def _notes_section(report: dict) -> Section | None:
     return Section("notes", "Notes", (Bullets(tuple(_plain(note) for note in notes)),))
 
 
+def _is_records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def summary_blocks(summary: dict, prefix: str = "") -> list[Block]:
+    """A step summary as blocks: scalars in a Figure/Value table, lists of records (training
+    history, search trials, per-layer sensitivity) as tables of their own, nested dicts flattened."""
+    rows: list[tuple[str, str]] = []
+    extra: list[Block] = []
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and any(_is_records(v) or isinstance(v, dict) for v in value.values()):
+            extra += summary_blocks(value, prefix=f"{name}.")
+        elif _is_records(value):
+            header = tuple(dict.fromkeys(k for item in value for k in item))
+            extra.append(Paragraph(f"{name}:"))
+            extra.append(Table(header, tuple(tuple(_plain(item.get(k)) for k in header) for item in value),
+                               numeric=False))
+        else:
+            rows.append((name, _plain(value)))
+    return ([Table(("Figure", "Value"), tuple(rows), numeric=False)] if rows else []) + extra
+
+
 def _steps_section(report: dict) -> Section:
     steps = get(report, "steps") or []
     if not steps:
@@ -234,8 +257,7 @@ def _steps_section(report: dict) -> Section:
         blocks.append(Subheading(f"{i}. {_plain(get(step, 'technique') or 'step')}"))
         summary = get(step, "summary")
         if isinstance(summary, dict) and summary:
-            blocks.append(Table(("Figure", "Value"), tuple((str(k), _plain(v)) for k, v in summary.items()),
-                                numeric=False))
+            blocks += summary_blocks(summary)
         else:
             blocks.append(Paragraph("No summary recorded."))
     return Section("steps", "Steps", tuple(blocks))

@@ -87,6 +87,9 @@ class Technique:
     apply: ApplyFn
     accepts: frozenset[str]  # model kinds the step can take
     produces: ModelKind | None  # None: same kind as it took
+    # quantizers: (state, config, ctx) -> (float ONNX, quantize(keep_float_nodes) -> ONNX, summary),
+    # which lets sensitivity analysis and `shrinkml explain` quantize one layer at a time
+    build_quantizer: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, Technique] = {}
@@ -98,6 +101,7 @@ def register(
     *,
     accepts: tuple[ModelKind, ...] = ("torch",),
     produces: ModelKind | None = None,
+    quantizer: Callable[..., Any] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``apply`` as the handler of technique ``name`` configured by ``config_cls``."""
 
@@ -108,7 +112,7 @@ def register(
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _REGISTRY:
             raise ValueError(f"technique {name!r} is registered twice")
-        _REGISTRY[name] = Technique(name, config_cls, fn, frozenset(accepts), produces)
+        _REGISTRY[name] = Technique(name, config_cls, fn, frozenset(accepts), produces, quantizer)
         return fn
 
     return decorator

@@ -61,6 +61,14 @@ def build_quantizer(state: ModelState, config: QuantizeDynamicConfig, ctx: StepC
     out_path = ctx.workdir / "quantize_dynamic.int8.onnx"
     onnx.save(model, float_path)
     quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=True)
+    # ORT's dynamic quantizer rewrites each Gemm into "<name>_MatMul" + "<name>_Add" before it
+    # filters nodes (1.32): exclusions must name the rewritten node, and quantizing Gemm needs the
+    # MatMul op type, so original MatMuls the user did not ask for are excluded by name.
+    op_types = list(config.op_types)
+    unwanted: list[str] = []
+    if "Gemm" in op_types and "MatMul" not in op_types:
+        op_types.append("MatMul")
+        unwanted = [n.name for n in onnx.load(str(pre_path)).graph.node if n.op_type == "MatMul"]
 
     def quantize(keep: list[str]) -> onnx.ModelProto:
         try:
@@ -70,9 +78,8 @@ def build_quantizer(state: ModelState, config: QuantizeDynamicConfig, ctx: StepC
                 weight_type=QuantType.QInt8 if config.weight_type == "qint8" else QuantType.QUInt8,
                 per_channel=config.per_channel,
                 reduce_range=config.reduce_range,
-                op_types_to_quantize=list(config.op_types),
-                # ORT rewrites each Gemm into "<name>_MatMul" after reading this list (1.32)
-                nodes_to_exclude=[*keep, *(name + "_MatMul" for name in keep)],
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=[*keep, *(name + "_MatMul" for name in keep), *unwanted],
             )
         except Exception as exc:
             raise InputError(
@@ -92,7 +99,9 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-@register("quantize.dynamic", QuantizeDynamicConfig, accepts=("torch", "onnx"), produces="onnx")
+@register(
+    "quantize.dynamic", QuantizeDynamicConfig, accepts=("torch", "onnx"), produces="onnx", quantizer=build_quantizer
+)
 def apply(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext) -> StepResult:
     float_model, quantize, summary = build_quantizer(state, config, ctx)
     if config.keep_float == "auto":

@@ -81,3 +81,11 @@ def test_keep_float_leaves_the_named_layer_float(tmp_path):
     assert out.summary["kept_float"] == ["3"]
     with pytest.raises(InputError, match="no layer matches 'head'"):
         apply(ModelState("torch", torch_model=model), QuantizeDynamicConfig(keep_float=("head",)), ctx)
+
+
+def test_gemm_without_matmul_in_op_types_is_still_quantized(tmp_path):
+    from tests.conftest import tiny_mlp
+
+    model = tiny_mlp()
+    out = apply(ModelState("torch", torch_model=model), QuantizeDynamicConfig(op_types=("Gemm",)), make_ctx(model, tmp_path))
+    assert [n.op_type for n in out.state.onnx_model.graph.node].count("MatMulInteger") == 2

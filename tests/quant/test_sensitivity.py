@@ -94,3 +94,36 @@ def test_nothing_kept_when_plain_int8_meets_the_budget(tmp_path):
     float_model = export_onnx(model, data.x[:2])
     kept, summary = choose_keep_float(float_model, dynamic_quantizer(float_model, tmp_path), ctx, where="t")
     assert kept == [] and summary["selection_split"] == "finetune"
+
+
+def test_explain_points_at_the_outlier_layer(tmp_path):
+    import json
+
+    import shrinkml
+    from shrinkml.api import RunSettings
+    from shrinkml.data import make_splits
+
+    model, data = outlier_mlp(tmp_path)
+    splits = make_splits(data, seed=0)
+    result = shrinkml.explain(
+        model, [{"technique": "quantize.dynamic", "per_channel": True}], data=splits,
+        out=tmp_path / "ex", settings=RunSettings(threads=1),
+    )
+    assert result["layers"][0]["layer"] == "3"  # most sensitive first
+    assert result["layers"][0]["metric_drop"] > 0.1
+    assert all(r["metric_drop"] < 0.02 for r in result["layers"][1:])
+    assert result["data"]["evaluated_on"] == "test"
+    assert result["all_quantized"]["drop_ci95_upper"] > 0.1
+    saved = json.loads((tmp_path / "ex" / "explain.json").read_text())
+    assert saved["layers"][0]["layer"] == "3"
+    html = (tmp_path / "ex" / "explain.html").read_text()
+    assert "<svg" in html and "Per-layer sensitivity" in html
+    assert "| 3 | Gemm |" in (tmp_path / "ex" / "explain.md").read_text()
+
+
+def test_explain_rejects_a_recipe_without_a_quantizer(tmp_path):
+    import shrinkml
+    from shrinkml.errors import InputError
+
+    with pytest.raises(InputError, match="explain analyses a quantization step"):
+        shrinkml.explain(nn.Linear(4, 2), [{"technique": "finetune"}], data=(np.zeros((20, 4), np.float32), np.zeros(20, int)))

@@ -7,6 +7,15 @@ from pathlib import Path
 import numpy as np
 
 
+_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
 class OrtRunner:
     """One ONNX Runtime session: ``run(x)`` returns the first output as numpy."""
 
@@ -23,8 +32,9 @@ class OrtRunner:
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type
+        self._dtype = _DTYPES.get(self.input_type)
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        if self.input_type == "tensor(float)" and x.dtype != np.float32:
-            x = x.astype(np.float32)
+        if self._dtype is not None and x.dtype != self._dtype:  # e.g. a model whose inputs are float16
+            x = x.astype(self._dtype)
         return self.session.run(None, {self.input_name: x})[0]

@@ -37,7 +37,9 @@ class FinetuneConfig(StepConfig):
     patience: int | None = Field(2, ge=1, description="epochs without improvement before stopping")
 
 
-def _loss(student_out, teacher_out, y, config: FinetuneConfig, use_labels: bool):
+def distillation_loss(student_out, teacher_out, y, config, use_labels: bool):
+    """Cross-entropy with labels and/or temperature-scaled KL to the teacher, weighted by ``alpha``
+    (``config`` needs ``distill``, ``temperature`` and ``alpha``)."""
     terms = []
     if use_labels:
         ce = F.cross_entropy(student_out, y)
@@ -113,7 +115,7 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
                 xb = x_all[b]
                 tb = teacher(xb) if teacher is not None else None
                 yb = y_all[b] if y_all is not None else None
-                total += float(_loss(model(xb), tb, yb, config, use_labels)) * len(b)
+                total += float(distillation_loss(model(xb), tb, yb, config, use_labels)) * len(b)
         return total / max(len(idx), 1)
 
     best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
@@ -130,7 +132,7 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
                 with torch.no_grad():
                     tb = teacher(xb) if teacher is not None else None
                 yb = y_all[b] if y_all is not None else None
-                loss = _loss(model(xb), tb, yb, config, use_labels)
+                loss = distillation_loss(model(xb), tb, yb, config, use_labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

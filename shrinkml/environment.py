@@ -37,6 +37,7 @@ def environment(*, threads: int, seed: int) -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "onnxruntime_thread_spinning": False,
         "seed": seed,
         "platform": platform.platform(),
     }

@@ -28,6 +28,9 @@ class OrtRunner:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Idle sessions' spinning worker threads would steal the cores from the session being
+        # timed when several are interleaved (baseline and compressed); the same for all models.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name

@@ -7,6 +7,8 @@ from shrinkml.techniques import (  # noqa: F401
     quantize_dynamic,
     quantize_half,
     quantize_qat,
+    quantize_static,
+    quantize_weight_only,
 )
 from shrinkml.techniques.base import StepConfig, get_technique, register, registry
 

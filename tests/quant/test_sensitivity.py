@@ -127,3 +127,25 @@ def test_explain_rejects_a_recipe_without_a_quantizer(tmp_path):
 
     with pytest.raises(InputError, match="explain analyses a quantization step"):
         shrinkml.explain(nn.Linear(4, 2), [{"technique": "finetune"}], data=(np.zeros((20, 4), np.float32), np.zeros(20, int)))
+
+
+def test_static_keep_float_auto_meets_a_budget_plain_int8_misses(tmp_path):
+    """The issue's acceptance case, through compress(): judged on the untouched test split."""
+    import shrinkml
+    from shrinkml.api import RunSettings
+    from shrinkml.data import make_splits
+
+    model, data = outlier_mlp(tmp_path)
+    splits = make_splits(data, seed=0)
+    settings = RunSettings(threads=1, repeats=10, batch_n=8, measure_memory=False, bootstrap_resamples=500)
+    budget = Budget(max_drop=0.03)
+    plain = shrinkml.compress(model, [{"technique": "quantize.static"}], data=splits, settings=settings, budget=budget)
+    auto = shrinkml.compress(model, [{"technique": "quantize.static", "keep_float": "auto"}], data=splits,
+                             settings=settings, budget=budget)
+    assert not plain.budget_met
+    assert auto.budget_met
+    summary = auto.report["steps"][0]["summary"]
+    assert "3" in summary["kept_float"]
+    assert len(summary["kept_float"]) < 3  # not everything: the point is the fewest layers
+    assert summary["quantized_ops"]
+    assert auto.report["compressed"]["size_bytes"] < auto.report["baseline"]["size_bytes"]

@@ -143,8 +143,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b in (None, 0) else float(a) / float(b)
 
 
-def _notes(baseline: dict, compressed: dict) -> list[str]:
-    notes = []
+def _notes(baseline: dict, compressed: dict, steps: list[dict]) -> list[str]:
+    # caveats a step states about its own result (e.g. FP16 without native FP16 arithmetic)
+    notes = [f"{s['technique']}: {s['summary']['note']}" for s in steps if s["summary"].get("note")]
     for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {compressed['latency_ms']['batch_n']['n']}")):
         b, c = baseline["latency_ms"][key]["p50"], compressed["latency_ms"][key]["p50"]
         if c > b:
@@ -305,7 +306,7 @@ def compress(
                 "baseline_encoding": baseline_art.encoding,
                 "compressed_encoding": compressed_art.encoding,
             },
-            "notes": _notes(b, c),
+            "notes": _notes(b, c, step_reports),
             "environment": environment(threads=settings.threads, seed=settings.seed),
         }
         files: dict[str, Path] = {}

@@ -39,8 +39,8 @@ from shrinkml.measure.macs import torch_macs  # noqa: E402
 from shrinkml.progress import SILENT  # noqa: E402
 from shrinkml.techniques import prune_channels  # noqa: E402
 from shrinkml.techniques.base import ModelState, StepContext  # noqa: E402
+from common import update_docs  # benchmarks/common.py (scripts run from benchmarks/)
 
-START, END = "<!-- prune_resnet:start -->", "<!-- prune_resnet:end -->"
 
 
 # --- ResNet-18 (torchvision's layout, written here: torchvision is not a dependency) -------------
@@ -149,17 +149,6 @@ def prune(model: nn.Module, channel_ratio: float, image_size: int, seed: int, th
         config = prune_channels.PruneChannelsConfig(channel_ratio=channel_ratio)
         result = prune_channels.apply(ModelState("torch", model), config, ctx)
     return result.state.torch_model, result.summary
-
-
-def update_docs(path: Path, section: str) -> None:
-    title = "# shrinkml benchmarks\n\nEvery figure names the command, machine and library versions that produced it.\n"
-    text = path.read_text() if path.exists() else title
-    block = f"{START}\n{section.strip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -291,7 +280,7 @@ conv output channels but {summary['param_reduction']:.0%} of the parameters, sin
 lose channels.
 """
     if not args.no_docs:
-        update_docs(args.docs, section)
+        update_docs(args.docs, "prune_resnet", section)
     return report
 
 

@@ -47,24 +47,13 @@ from shrinkml.runtimes.onnxruntime import OrtRunner  # noqa: E402
 from shrinkml.tasks import get_task  # noqa: E402
 from shrinkml.techniques import quantize_dynamic, quantize_weight_only  # noqa: E402
 from shrinkml.techniques.base import ModelState, StepContext  # noqa: E402
+from common import update_docs  # benchmarks/common.py (scripts run from benchmarks/)
 
-START, END = "<!-- quantize_bert:start -->", "<!-- quantize_bert:end -->"
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
-
-
-def update_docs(path: Path, section: str) -> None:
-    title = "# shrinkml benchmarks\n\nEvery figure names the command, machine and library versions that produced it.\n"
-    text = path.read_text() if path.exists() else title
-    block = f"{START}\n{section.strip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
 
 
 def ort_quantize_dynamic(float_path: Path, out_path: Path) -> None:
@@ -292,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
 {findings(variants, model)}
 """
     if not args.no_docs:
-        update_docs(args.docs, section)
+        update_docs(args.docs, "quantize_bert", section)
     return report
 
 

@@ -42,8 +42,8 @@ from shrinkml.runtimes.export import export_onnx  # noqa: E402
 from shrinkml.tasks import get_task  # noqa: E402
 from shrinkml.techniques import quantize_dynamic, quantize_static  # noqa: E402
 from shrinkml.techniques.base import ModelState, StepContext  # noqa: E402
+from common import update_docs  # benchmarks/common.py (scripts run from benchmarks/)
 
-START, END = "<!-- quantize_demo:start -->", "<!-- quantize_demo:end -->"
 CALIBRATIONS = ("minmax", "percentile", "entropy", "mse")
 BATCH_N = 32
 # what the issue asks of quantize.static on this model
@@ -136,17 +136,6 @@ def ort_session(path: Path, threads: int):
 def accuracy(runner, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     outputs = np.concatenate([runner(x[i : i + 256]) for i in range(0, len(x), 256)])
     return (outputs.argmax(axis=1) == y).astype(np.float64)
-
-
-def update_docs(path: Path, section: str) -> None:
-    title = "# shrinkml benchmarks\n\nEvery figure names the command, machine and library versions that produced it.\n"
-    text = path.read_text() if path.exists() else title
-    block = f"{START}\n{section.strip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -309,7 +298,7 @@ batch-32 throughput vs ONNX Runtime FP32, accuracy-drop CI upper end <= {TARGETS
 {chr(10).join(met_lines)}
 """
     if not args.no_docs:
-        update_docs(args.docs, section)
+        update_docs(args.docs, "quantize_demo", section)
     return report
 
 

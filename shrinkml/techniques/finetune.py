@@ -56,27 +56,36 @@ def distillation_loss(student_out, teacher_out, y, config, use_labels: bool):
     return sum(terms)
 
 
-@register("finetune", FinetuneConfig)
-def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepResult:
+def training_data(ctx: StepContext, *, distill: bool, technique: str, alternative: str):
+    """The fine-tune split and whether its labels are used; fails clearly when there is nothing to
+    learn from. Shared by every step that trains (finetune, quantize.qat)."""
     data = ctx.splits.finetune
     if len(data) == 0:
         raise InputError(
-            "finetune has no data to train on",
-            where="finetune split",
+            f"{technique} has no data to train on",
+            where="fine-tune split",
             expected="at least one example in the fine-tune split",
             found="0 examples",
-            fix="give more data, or remove the finetune step",
+            fix=f"give more data, or {alternative}",
         )
     use_labels = data.y is not None and ctx.task.name == "classification"
-    if not use_labels and not config.distill:
+    if not use_labels and not distill:
         raise InputError(
-            "finetune has neither labels nor distillation to learn from",
-            where="finetune.distill",
+            f"{technique} has neither labels nor distillation to learn from",
+            where=f"{technique}.distill",
             expected="labels in the data, or distill: true",
             fix="set distill: true to learn from the original model's outputs",
         )
-    if config.distill and ctx.teacher is None:
-        raise InputError("distillation needs the original PyTorch model", where="finetune.distill")
+    if distill and ctx.teacher is None:
+        raise InputError("distillation needs the original PyTorch model", where=f"{technique}.distill")
+    return data, use_labels
+
+
+@register("finetune", FinetuneConfig)
+def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepResult:
+    data, use_labels = training_data(
+        ctx, distill=config.distill, technique="finetune", alternative="remove the finetune step"
+    )
 
     torch.manual_seed(ctx.seed)
     torch.set_num_threads(ctx.threads)

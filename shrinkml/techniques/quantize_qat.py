@@ -47,7 +47,7 @@ from shrinkml.quant.fake_quant import (
 from shrinkml.quant.onnx_fold import fold_weight_quantizers
 from shrinkml.runtimes.export import export_onnx
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
-from shrinkml.techniques.finetune import distillation_loss
+from shrinkml.techniques.finetune import distillation_loss, training_data
 
 WHERE = "quantize.qat"
 # Examples of the calibration split used to initialise the activation ranges.
@@ -189,25 +189,12 @@ def _train(
 
 @register("quantize.qat", QuantizeQATConfig, accepts=("torch",), produces="onnx")
 def apply(state: ModelState, config: QuantizeQATConfig, ctx: StepContext) -> StepResult:
-    data = ctx.splits.finetune
-    if len(data) == 0:
-        raise InputError(
-            "quantize.qat has no data to train on",
-            where="fine-tune split",
-            expected="at least one example in the fine-tune split",
-            found="0 examples",
-            fix="give more data, or use quantize.static (post-training quantization) instead",
-        )
-    use_labels = data.y is not None and ctx.task.name == "classification"
-    if not use_labels and not config.distill:
-        raise InputError(
-            "quantize.qat has neither labels nor distillation to learn from",
-            where=f"{WHERE}.distill",
-            expected="labels in the data, or distill: true",
-            fix="set distill: true to learn from the original model's outputs",
-        )
-    if config.distill and ctx.teacher is None:
-        raise InputError("distillation needs the original PyTorch model", where=f"{WHERE}.distill")
+    data, use_labels = training_data(
+        ctx,
+        distill=config.distill,
+        technique=WHERE,
+        alternative="use quantize.static (post-training quantization) instead",
+    )
     if config.per_channel and ctx.opset < 13:
         raise InputError(
             "per-channel QuantizeLinear needs ONNX opset 13 or later",

@@ -15,6 +15,13 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 
 
+def _dynamic_input_axes(example: np.ndarray) -> dict[int, str]:
+    """Batch is always dynamic; so is the sequence axis of token ids (integer ``(batch, seq)``)."""
+    if np.issubdtype(example.dtype, np.integer) and example.ndim == 2:
+        return {0: "batch", 1: "sequence"}
+    return {0: "batch"}
+
+
 def export_onnx(module: torch.nn.Module, example: np.ndarray, *, opset: int = 17) -> onnx.ModelProto:
     """Export ``module`` (in eval mode) with a dynamic batch axis.
 
@@ -34,7 +41,7 @@ def export_onnx(module: torch.nn.Module, example: np.ndarray, *, opset: int = 17
                 dynamo=False,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                dynamic_axes={INPUT_NAME: _dynamic_input_axes(example), OUTPUT_NAME: {0: "batch"}},
                 opset_version=opset,
                 do_constant_folding=True,
             )

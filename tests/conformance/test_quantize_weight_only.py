@@ -114,7 +114,6 @@ def test_stores_codes_in_matmulnbits_and_stays_close(case, tmp_path):
 
 
 def test_rtn_deploys_exactly_what_onnxruntime_quantizer_deploys(tmp_path):
-    pytest.importorskip("onnx_ir")  # ONNX Runtime's MatMulNBits quantizer needs it
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     model, ctx = setup("bert", tmp_path)
@@ -174,7 +173,6 @@ def test_keep_float_unknown_layer_is_a_clear_error(tmp_path):
 
 
 def test_keep_float_auto_with_a_loose_budget_quantizes_everything(tmp_path):
-    pytest.importorskip("shrinkml.quant.sensitivity")
     model, ctx = setup("mlp", tmp_path)
     ctx = dataclasses.replace(ctx, budget=Budget(max_drop=1.0))
     out = apply(ModelState("torch", torch_model=model), QuantizeWeightOnlyConfig(keep_float="auto"), ctx)

@@ -143,7 +143,6 @@ def test_group_size_must_be_a_power_of_two():
 @pytest.mark.parametrize("bits,symmetric,block,k", [(4, False, 32, 256), (4, True, 16, 200), (8, False, 128, 200),
                                                     (8, True, 32, 64)])
 def test_codes_are_byte_identical_to_onnxruntime_quantizer(bits, symmetric, block, k):
-    pytest.importorskip("onnx_ir")  # ONNX Runtime's MatMulNBits quantizer needs it
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     n = 24

@@ -41,6 +41,7 @@ figcaption { color: #666; font-size: 0.9em; text-align: center; }
 _PLOT_CAPTIONS = {
     "metric_vs_size": "Primary metric against size on disk",
     "metric_vs_latency": "Primary metric against batch-N latency (p50)",
+    "sensitivity": "Output SQNR per layer, each quantized alone",
 }
 
 

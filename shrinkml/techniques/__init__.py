@@ -4,6 +4,7 @@ from shrinkml.techniques import (  # noqa: F401
     finetune,
     prune_channels,
     prune_magnitude,
+    prune_transformer,
     quantize_dynamic,
     quantize_half,
     quantize_qat,

@@ -3,6 +3,15 @@
 Loss with labels: ``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)``
 (Hinton et al., 2015); without labels, distillation alone. A slice of the fine-tune split is held
 out for early stopping, so the test split stays untouched.
+
+Embedding models (sentence encoders) have no classes to soften: for them the distillation loss is
+``1 - cos(student, teacher) + MSE(student, teacher)`` on the output embeddings (``loss: cosine``),
+and labels are never used. ``loss: auto`` picks it when the task is ``embedding`` or the original
+model's outputs are L2-normalized, KL otherwise. ``hidden_weight`` adds an MSE between the
+student's and the teacher's final-layer hidden states (text models, ``TextEncoder``), which helps
+a layer-pruned student recover (as in DistilBERT / TinyBERT).
+
+>>> FinetuneConfig(loss="cosine", hidden_weight=1.0, epochs=2)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -35,11 +44,25 @@ class FinetuneConfig(StepConfig):
         0.1, ge=0, lt=1, description="part of the fine-tune split held out for early stopping"
     )
     patience: int | None = Field(2, ge=1, description="epochs without improvement before stopping")
+    loss: Literal["auto", "kl", "cosine", "mse"] = Field(
+        "auto",
+        description="distillation loss: kl (classifiers), cosine (1 - cos + MSE, embedding models), mse;"
+        " auto picks cosine for embedding tasks or L2-normalized outputs, kl otherwise",
+    )
+    hidden_weight: float = Field(
+        0.0, ge=0, description="weight of an extra MSE between final-layer hidden states (text models only)"
+    )
 
 
-def distillation_loss(student_out, teacher_out, y, config, use_labels: bool):
+def distillation_loss(student_out, teacher_out, y, config, use_labels: bool, loss: str = "kl"):
     """Cross-entropy with labels and/or temperature-scaled KL to the teacher, weighted by ``alpha``
-    (``config`` needs ``distill``, ``temperature`` and ``alpha``)."""
+    (``config`` needs ``distill``, ``temperature`` and ``alpha``). ``loss="cosine"`` or ``"mse"``
+    compare output embeddings instead (no labels, no temperature)."""
+    if loss in ("cosine", "mse"):
+        mse = F.mse_loss(student_out, teacher_out)
+        if loss == "mse":
+            return mse
+        return (1 - F.cosine_similarity(student_out, teacher_out, dim=-1)).mean() + mse
     terms = []
     if use_labels:
         ce = F.cross_entropy(student_out, y)
@@ -81,6 +104,57 @@ def training_data(ctx: StepContext, *, distill: bool, technique: str, alternativ
     return data, use_labels
 
 
+def _resolve_loss(config: FinetuneConfig, ctx: StepContext, reference: torch.nn.Module, x: np.ndarray) -> str:
+    """The distillation loss ``auto`` stands for: cosine for embedding models, KL for classifiers."""
+    if config.loss != "auto":
+        return config.loss
+    task = getattr(ctx.task, "name", None)
+    if task in ("embedding", "classification"):
+        return "cosine" if task == "embedding" else "kl"
+    with torch.no_grad():
+        out = reference.eval()(torch.from_numpy(np.ascontiguousarray(x[:8])))
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] > 1:
+        norms = out.norm(dim=1)
+        if torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            return "cosine"  # L2-normalized outputs are embeddings, not logits
+    return "kl"
+
+
+def _hidden_states(model: torch.nn.Module, role: str):
+    """A store that receives the final-layer hidden states of a text model on each forward, and the
+    hook handle that fills it."""
+    transformer = getattr(model, "transformer", None)
+    if transformer is None or not hasattr(model, "pad_token_id"):
+        raise InputError(
+            "hidden_weight needs text models whose transformer's hidden states can be compared",
+            where="finetune.hidden_weight",
+            expected=f"the {role} to be a TextEncoder (a module with .transformer and .pad_token_id)",
+            found=type(model).__name__,
+            fix="set hidden_weight: 0",
+        )
+    base = getattr(transformer, "base_model", transformer)
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, out) -> None:
+        store["h"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    return store, base.register_forward_hook(hook)
+
+
+def _hidden_mse(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE over the non-padding token positions."""
+    if student_h.shape != teacher_h.shape:
+        raise InputError(
+            "the student's and the original model's hidden states have different shapes",
+            where="finetune.hidden_weight",
+            expected=f"{tuple(teacher_h.shape)}",
+            found=f"{tuple(student_h.shape)}",
+            fix="set hidden_weight: 0 (the hidden size was changed)",
+        )
+    weights = mask.unsqueeze(-1).to(student_h.dtype)
+    return ((student_h - teacher_h).pow(2) * weights).sum() / (weights.sum() * student_h.shape[-1]).clamp(min=1)
+
+
 @register("finetune", FinetuneConfig)
 def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepResult:
     data, use_labels = training_data(
@@ -91,6 +165,33 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
     torch.set_num_threads(ctx.threads)
     model = copy.deepcopy(state.torch_model)
     teacher = ctx.teacher.eval() if config.distill else None
+    loss_kind = _resolve_loss(config, ctx, teacher if teacher is not None else model, data.x)
+    if loss_kind != "kl":
+        if not config.distill:
+            raise InputError(
+                f"loss {loss_kind!r} compares with the original model's outputs, but distill is false",
+                where="finetune.loss",
+                expected="distill: true for embedding losses",
+                fix="set distill: true, or loss: kl for a classifier",
+            )
+        use_labels = False  # an embedding model has no classes to learn labels for
+    hidden_store = teacher_store = None
+    handles = []
+    if config.hidden_weight > 0:
+        if teacher is None:
+            raise InputError("hidden_weight needs distill: true", where="finetune.hidden_weight", fix="set distill: true")
+        hidden_store, h1 = _hidden_states(model, "model")
+        teacher_store, h2 = _hidden_states(teacher, "original model")
+        handles = [h1, h2]
+    pad_id = getattr(model, "pad_token_id", 0)
+
+    def batch_loss(xb: torch.Tensor, yb: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            tb = teacher(xb) if teacher is not None else None
+        loss = distillation_loss(model(xb), tb, yb, config, use_labels, loss_kind)
+        if hidden_store is not None:
+            loss = loss + config.hidden_weight * _hidden_mse(hidden_store["h"], teacher_store["h"], xb != pad_id)
+        return loss
 
     rng = np.random.default_rng(ctx.seed)
     order = rng.permutation(len(data))
@@ -121,45 +222,44 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
         with torch.no_grad():
             for start in range(0, len(idx), 512):
                 b = torch.from_numpy(idx[start : start + 512])
-                xb = x_all[b]
-                tb = teacher(xb) if teacher is not None else None
                 yb = y_all[b] if y_all is not None else None
-                total += float(distillation_loss(model(xb), tb, yb, config, use_labels)) * len(b)
+                total += float(batch_loss(x_all[b], yb)) * len(b)
         return total / max(len(idx), 1)
 
-    best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
-    history = []
-    batches_per_epoch = max(1, len(train_idx) // config.batch_size)
-    with ctx.progress.bar("finetune", total=config.epochs * batches_per_epoch) as bar:
-        for epoch in range(config.epochs):
-            model.train()
-            perm = train_idx[rng.permutation(len(train_idx))]
-            running = 0.0
-            for i in range(batches_per_epoch):
-                b = torch.from_numpy(perm[i * config.batch_size : (i + 1) * config.batch_size])
-                xb = x_all[b]
-                with torch.no_grad():
-                    tb = teacher(xb) if teacher is not None else None
-                yb = y_all[b] if y_all is not None else None
-                loss = distillation_loss(model(xb), tb, yb, config, use_labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                apply_masks()
-                running += float(loss.detach())
-                bar.advance(1, status=f"epoch {epoch + 1} loss {running / (i + 1):.4f}")
-            entry = {"epoch": epoch + 1, "train_loss": round(running / batches_per_epoch, 6)}
-            if n_val:
-                val = evaluate(val_idx)
-                entry["val_loss"] = round(val, 6)
-                if val < best_loss - 1e-6:
-                    best_loss, best_epoch, stale = val, epoch + 1, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    stale += 1
-            history.append(entry)
-            if n_val and config.patience is not None and stale >= config.patience:
-                break
+    try:
+        best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
+        history = []
+        batches_per_epoch = max(1, len(train_idx) // config.batch_size)
+        with ctx.progress.bar("finetune", total=config.epochs * batches_per_epoch) as bar:
+            for epoch in range(config.epochs):
+                model.train()
+                perm = train_idx[rng.permutation(len(train_idx))]
+                running = 0.0
+                for i in range(batches_per_epoch):
+                    b = torch.from_numpy(perm[i * config.batch_size : (i + 1) * config.batch_size])
+                    yb = y_all[b] if y_all is not None else None
+                    loss = batch_loss(x_all[b], yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    apply_masks()
+                    running += float(loss.detach())
+                    bar.advance(1, status=f"epoch {epoch + 1} loss {running / (i + 1):.4f}")
+                entry = {"epoch": epoch + 1, "train_loss": round(running / batches_per_epoch, 6)}
+                if n_val:
+                    val = evaluate(val_idx)
+                    entry["val_loss"] = round(val, 6)
+                    if val < best_loss - 1e-6:
+                        best_loss, best_epoch, stale = val, epoch + 1, 0
+                        best_state = copy.deepcopy(model.state_dict())
+                    else:
+                        stale += 1
+                history.append(entry)
+                if n_val and config.patience is not None and stale >= config.patience:
+                    break
+    finally:  # the teacher is shared with later steps: leave no hook on it
+        for handle in handles:
+            handle.remove()
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
@@ -170,6 +270,8 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
         "validation_examples": int(n_val),
         "used_labels": use_labels,
         "distill": config.distill,
+        "loss": loss_kind if config.distill else "ce",
+        "hidden_weight": config.hidden_weight,
         "history": history,
     }
     return StepResult(ModelState("torch", torch_model=model, sparse_params=state.sparse_params), summary)

@@ -50,6 +50,9 @@ class RunSettings(BaseModel):
     seed: int = 0
     bootstrap_resamples: int = Field(2000, ge=200)
     export_tolerance: float = Field(1e-4, gt=0)
+    max_length: int | None = Field(
+        None, ge=2, description="token length texts are padded/truncated to (default min(model's max, 128))"
+    )
     measure_memory: bool = True
     splits: SplitFractions = SplitFractions()
     cost: CostSettings = CostSettings()
@@ -104,8 +107,21 @@ def _prepare(model, data, task_name, weights, settings: RunSettings, needs_label
     from shrinkml.models import load_model
 
     task = get_task(task_name)
-    loaded = load_model(model, weights=weights)
-    splits = load_data(data, seed=settings.seed, fractions=settings.splits, needs_labels=needs_labels)
+    loaded = load_model(model, weights=weights)  # first: text data is tokenized by the model's tokenizer
+    encoding = None
+    if loaded.text is not None:
+        from shrinkml.data.text import DEFAULT_MAX_LENGTH, TextEncoding
+
+        limit = loaded.text.max_seq_length or DEFAULT_MAX_LENGTH
+        encoding = TextEncoding(loaded.text.tokenizer, min(limit, settings.max_length or DEFAULT_MAX_LENGTH))
+    if task.name == "embedding" and loaded.text is not None and loaded.text.kind != "embedding":
+        raise InputError(
+            "--task embedding needs an embedding model, but this directory holds a classifier",
+            where=loaded.source, fix="use --task classification (labels) or --task fidelity",
+        )
+    splits = load_data(
+        data, seed=settings.seed, fractions=settings.splits, needs_labels=needs_labels, text_encoding=encoding
+    )
     task.check_data(splits)
     example = splits.calibration.x[: min(len(splits.calibration), 8)]
     _check_forward(loaded, example, splits.source, settings.threads)
@@ -166,7 +182,9 @@ def _stage_outputs(out: Path, files: dict[str, Path | str | bytes]) -> dict[str,
     try:
         for name, content in files.items():
             target = staging / name
-            if isinstance(content, Path):
+            if isinstance(content, Path) and content.is_dir():  # e.g. a loadable model directory
+                shutil.copytree(content, target)
+            elif isinstance(content, Path):
                 shutil.copyfile(content, target)
             elif isinstance(content, bytes):
                 target.write_bytes(content)
@@ -175,6 +193,8 @@ def _stage_outputs(out: Path, files: dict[str, Path | str | bytes]) -> dict[str,
         out.mkdir(exist_ok=True)
         written = {}
         for name in files:
+            if (out / name).is_dir():  # a directory from an earlier run: os.replace cannot overwrite it
+                shutil.rmtree(out / name)
             os.replace(staging / name, out / name)
             written[name] = out / name
         return written
@@ -311,13 +331,68 @@ def compress(
         }
         files: dict[str, Path] = {}
         if out is not None:
-            files = _write_outputs(Path(out), compressed_art, recipe, report, loaded)
+            files = _write_outputs(Path(out), compressed_art, recipe, report, loaded, state, workdir, progress)
     return CompressResult(
         model=state.torch_model if state.kind == "torch" else state.onnx_model, report=report, files=files
     )
 
 
-def _write_outputs(out: Path, artifact, recipe: Recipe, report: dict, loaded) -> dict[str, Path]:
+def _text_outputs(loaded, state, workdir: Path, progress: Progress) -> tuple[dict[str, Path], dict[str, Any]]:
+    """For text models: the tokenizer (to feed model.onnx) and, when the final model is still
+    PyTorch, a directory sentence-transformers / transformers can load, verified in a subprocess."""
+    from shrinkml.models.hf import save_text_model, verify_sentence_transformers
+    from shrinkml.models.text import TextEncoder
+
+    info = loaded.text
+    tok_dir = workdir / "out-tokenizer"
+    info.tokenizer.save_pretrained(str(tok_dir))
+    files: dict[str, Path] = {"tokenizer": tok_dir}
+    pad = info.tokenizer.pad_token_id if info.tokenizer.pad_token_id is not None else 0
+    manifest: dict[str, Any] = {
+        "tokenizer_dir": "tokenizer",
+        "onnx_input": f"int64 token ids (batch, sequence) from the tokenizer; positions equal to the pad id"
+        f" {pad} are masked (the attention mask is derived inside the model); sequence length is dynamic",
+        "onnx_output": "L2-normalized pooled embedding (batch, hidden)" if info.kind == "embedding" and info.normalize
+        else ("pooled embedding (batch, hidden)" if info.kind == "embedding" else "logits (batch, classes)"),
+        "model_dir": None,
+    }
+    if state.kind != "torch" or not isinstance(state.torch_model, TextEncoder):
+        manifest["model_dir_note"] = "the final model is an ONNX Runtime model: use model.onnx with tokenizer/"
+        return files, manifest
+    model_dir = workdir / "out-model"
+    try:
+        save_text_model(state.torch_model, info, model_dir)
+    except Exception as exc:  # e.g. modules swapped for ones save_pretrained cannot write
+        manifest["model_dir_note"] = f"not written: {type(exc).__name__}: {exc}"
+        progress.log(f"could not write a model directory ({type(exc).__name__}); model.onnx is written")
+        return files, manifest
+    files["model"] = model_dir
+    manifest["model_dir"] = "model"
+    import importlib.util
+
+    if info.sentence_transformers and importlib.util.find_spec("sentence_transformers") is None:
+        manifest["model_dir_note"] = "not verified: sentence-transformers is not installed (pip install 'shrinkml[text]')"
+    elif info.sentence_transformers:
+        from shrinkml.data.texts import generate_texts
+
+        progress.log("checking that sentence-transformers loads the written model directory")
+        min_cos = verify_sentence_transformers(model_dir, state.torch_model, info, generate_texts(8, seed=1), workdir)
+        if min_cos < 0.999:
+            raise RuntimeError(
+                f"the written sentence-transformers directory disagrees with the compressed model"
+                f" (min cosine {min_cos:.5f} < 0.999); this is a bug in shrinkml"
+            )
+        manifest["model_dir_load"] = "sentence_transformers.SentenceTransformer('model')"
+        manifest["model_dir_min_cosine_vs_compressed"] = min_cos
+    else:
+        manifest["model_dir_load"] = "transformers.AutoModel.from_pretrained('model') (tokenizer in the same folder)"
+    return files, manifest
+
+
+def _write_outputs(
+    out: Path, artifact, recipe: Recipe, report: dict, loaded, state=None, workdir: Path | None = None,
+    progress: Progress = SILENT,
+) -> dict[str, Path]:
     import json
 
     from shrinkml.report import dumps_report, validate_report
@@ -339,10 +414,15 @@ def _write_outputs(out: Path, artifact, recipe: Recipe, report: dict, loaded) ->
             " model after fit_module_to_state_dict"
         ),
     }
+    extra: dict[str, Path] = {}
+    if getattr(loaded, "text", None) is not None and state is not None and workdir is not None:
+        extra, text_manifest = _text_outputs(loaded, state, workdir, progress)
+        manifest["text"] = text_manifest
     return _stage_outputs(
         out,
         {
             model_name: artifact.path,
+            **extra,
             "recipe.yaml": recipe.to_yaml(),
             "manifest.json": json.dumps(manifest, indent=2) + "\n",
             "report.json": dumps_report(report),

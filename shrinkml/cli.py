@@ -35,6 +35,7 @@ class RuntimeName(str, Enum):
 class TaskName(str, Enum):
     classification = "classification"
     fidelity = "fidelity"
+    embedding = "embedding"
 
 
 class DropType(str, Enum):
@@ -105,17 +106,20 @@ COMMON = {
     "repeats": typer.Option(None, help="Timed runs per model and batch size (>= 10, default 20)."),
     "seed": typer.Option(None, help="Seed for splits, bootstrap and training (default 0)."),
     "json_out": typer.Option(False, "--json", help="Print the report JSON on stdout."),
+    "max_length": typer.Option(
+        None, "--max-length", help="Text models: tokens per text, padded/truncated (default min(model max, 128))."
+    ),
 }
 
 
 @app.command()
 def compress(
-    model: str = typer.Option(..., help="package.module:factory (with --weights) or a .onnx file."),
-    data: str = typer.Option(..., help=".npz with x and y, package.module:function, or builtin:digits."),
+    model: str = typer.Option(..., help="package.module:factory (with --weights), a .onnx file, or a transformers / sentence-transformers directory."),
+    data: str = typer.Option(..., help=".npz with x and y, package.module:function, builtin:digits; for text models .txt, .jsonl or builtin:texts."),
     recipe: Path = typer.Option(..., help="Recipe YAML: an ordered list of steps."),
     out: Path = typer.Option(Path("shrinkml-out"), help="Output folder."),
     weights: Optional[str] = typer.Option(None, help="Weights (.safetensors) for a factory model."),
-    task: TaskName = typer.Option(TaskName.classification, help="classification (labels) or fidelity (label-free)."),
+    task: TaskName = typer.Option(TaskName.classification, help="classification (labels), fidelity (label-free) or embedding (embedding models: cosine, worst-5%, top-10 neighbours)."),
     max_drop: float = typer.Option(0.01, "--max-drop", help="Largest acceptable drop (0.01 = 1 point)."),
     drop_type: DropType = typer.Option(DropType.absolute, "--drop-type"),
     runtime: RuntimeName = COMMON["runtime"],
@@ -127,6 +131,7 @@ def compress(
     requests_per_month: Optional[float] = typer.Option(None, "--requests-per-month"),
     storage_price_per_gb_month: Optional[float] = typer.Option(None, "--storage-price-per-gb-month"),
     export_tolerance: Optional[float] = typer.Option(None, "--export-tolerance", help="Max abs diff ONNX vs PyTorch."),
+    max_length: Optional[int] = COMMON["max_length"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
     """Measure a model, compress it with a recipe, measure again, and write the report."""
@@ -139,6 +144,7 @@ def compress(
         runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, seed=seed,
         price_per_hour=price_per_hour, requests_per_month=requests_per_month,
         storage_price_per_gb_month=storage_price_per_gb_month, export_tolerance=export_tolerance,
+        max_length=max_length,
     )
     result = run_compress(
         model, recipe, data=data, task=task.value, weights=weights, out=out,
@@ -159,12 +165,15 @@ def bench(
     batch_n: Optional[int] = COMMON["batch_n"],
     repeats: Optional[int] = COMMON["repeats"],
     seed: Optional[int] = COMMON["seed"],
+    max_length: Optional[int] = COMMON["max_length"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
     """Assess a model alone: size, params, MACs, latency, throughput, memory, accuracy, cost."""
     from shrinkml.api import bench as run_bench
 
-    settings = _settings(runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, seed=seed)
+    settings = _settings(
+        runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, seed=seed, max_length=max_length
+    )
     result = run_bench(model, data=data, task=task.value, weights=weights, settings=settings, progress=_progress())
     if json_out:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -156,11 +156,14 @@ def load_data(
     seed: int = 0,
     fractions: SplitFractions | None = None,
     needs_labels: bool = True,
+    text_encoding: Any = None,
 ) -> Splits:
     """Load ``spec`` and return its calibration / fine-tune / test splits.
 
     ``spec`` is a path to an ``.npz``, ``"builtin:digits"``, ``"package.module:function"``, an
     ``ArrayData``, a ``Splits`` (used as is), a ``(x, y)`` tuple, or a torch ``Dataset``.
+    Text (``.txt``, ``.jsonl``, ``"builtin:texts"``) is tokenized with ``text_encoding``
+    (a ``shrinkml.data.text.TextEncoding``: the model's tokenizer and a fixed length).
     """
     if isinstance(spec, Splits):
         return spec
@@ -171,9 +174,13 @@ def load_data(
         text = str(spec)
         if text == "builtin:digits":
             data: Any = _digits()
+        elif text == "builtin:texts" or Path(text).suffix.lower() in (".txt", ".jsonl"):
+            from shrinkml.data.text import load_text_data
+
+            data = load_text_data(text, text_encoding, seed=seed)
         elif text.startswith("builtin:"):
             raise InputError(
-                f"unknown built-in dataset {text!r}", where="--data", expected="builtin:digits"
+                f"unknown built-in dataset {text!r}", where="--data", expected="builtin:digits or builtin:texts"
             )
         elif text.endswith(".npz") or Path(text).suffix:
             data = _load_npz(Path(text), needs_labels=needs_labels)

@@ -15,7 +15,7 @@ import numpy as np
 
 from shrinkml.data import ArrayData
 from shrinkml.measure.latency import time_interleaved
-from shrinkml.measure.stats import bootstrap_mean_ci, paired_bootstrap_diff_ci
+from shrinkml.measure.stats import bootstrap_mean_ci, bootstrap_statistic_ci, paired_bootstrap_diff_ci
 from shrinkml.progress import Progress
 from shrinkml.tasks import Task
 
@@ -97,6 +97,11 @@ def assess(
         for name, values in scores.items():
             mean, lo, hi = bootstrap_mean_ci(values, n_resamples=bootstrap_resamples, seed=seed)
             metrics[name] = {"value": mean, "ci95": [lo, hi]}
+        for name, (source, statistic) in task.statistics().items():
+            value, lo, hi = bootstrap_statistic_ci(
+                scores[source], statistic, n_resamples=bootstrap_resamples, seed=seed
+            )
+            metrics[name] = {"value": value, "ci95": [lo, hi]}
         lat1, latn = timings["batch_1"][a.label], timings["batch_n"][a.label]
         peak = None
         if measure_memory:

@@ -81,3 +81,28 @@ def paired_bootstrap_diff_ci(
             f"a and b must score the same examples, found lengths {a_arr.size} and {b_arr.size}"
         )
     return bootstrap_mean_ci(a_arr - b_arr, n_resamples=n_resamples, confidence=confidence, seed=seed)
+
+
+def bootstrap_statistic_ci(
+    values: np.ndarray,
+    statistic,
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``statistic(values)`` and its percentile-bootstrap interval, for statistics other than the
+    mean (e.g. the mean of the worst 5%): ``(value, lo, hi)``. Resamples one at a time.
+
+    >>> bootstrap_statistic_ci(cosines, lambda v: np.sort(v)[: len(v) // 20 or 1].mean())  # doctest: +SKIP
+    """
+    arr = _as_scores(values, "values")
+    _check_settings(n_resamples, confidence)
+    value = float(statistic(arr))
+    if arr.min() == arr.max():
+        return value, value, value
+    rng = np.random.default_rng(seed)
+    stats = np.array([statistic(arr[rng.integers(0, arr.size, arr.size)]) for _ in range(n_resamples)])
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return value, float(lo), float(hi)

@@ -1,5 +1,5 @@
 """Model specs: ``package.module:factory`` (+ ``.safetensors`` weights), an ``.onnx`` file, or an
-``nn.Module`` object. Pickle-based files are refused: loading them would run arbitrary code."""
+``nn.Module`` object, or a Hugging Face / sentence-transformers model directory. Pickle-based files are refused: loading them would run arbitrary code."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class LoadedModel:
     module: Any = None  # torch.nn.Module
     onnx_model: Any = None  # onnx.ModelProto
     weights: str | None = None
+    text: Any = None  # shrinkml.models.hf.TextModelInfo for Hugging Face model directories
 
 
 def _pickle_refusal(path: Path, where: str) -> InputError:
@@ -93,6 +94,22 @@ def load_model(spec: Any, *, weights: str | Path | None = None) -> LoadedModel:
         return LoadedModel("torch", type(spec).__name__, module=spec.eval(), weights=None if weights is None else str(weights))
     text = str(spec)
     path = Path(text)
+    if path.is_dir():
+        from shrinkml.models.hf import is_hf_dir, load_hf_dir
+
+        if weights is not None:
+            raise InputError(
+                "--weights is only for factory models", where="--weights",
+                fix="a model directory holds its own weights: drop --weights",
+            )
+        if not is_hf_dir(path):
+            raise InputError(
+                "the model directory has neither modules.json nor config.json",
+                where=text,
+                expected="a sentence-transformers directory (modules.json) or a transformers directory (config.json)",
+                fix="pass the directory that save_pretrained / SentenceTransformer.save wrote",
+            )
+        return load_hf_dir(path)
     if path.suffix.lower() == ".onnx":
         if weights is not None:
             raise InputError(

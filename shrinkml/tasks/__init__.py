@@ -3,6 +3,7 @@ scores (so every metric gets a bootstrap CI and the drop a paired one)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +12,10 @@ import numpy as np
 from shrinkml.data import ArrayData, Splits
 from shrinkml.errors import InputError
 
-TaskName = Literal["classification", "fidelity"]
+TaskName = Literal["classification", "fidelity", "embedding"]
+TASK_NAMES = ("classification", "fidelity", "embedding")
+WORST_FRACTION = 0.05  # worst5_cosine: the mean of the lowest 5% of per-example cosines
+NEIGHBOURS = 10  # top10_agreement
 
 
 def _top1_agreement(outputs: np.ndarray, reference: np.ndarray) -> np.ndarray | None:
@@ -37,16 +41,47 @@ def fidelity_scores(outputs: np.ndarray, reference: np.ndarray) -> dict[str, np.
     return scores
 
 
+def worst_fraction_mean(values: np.ndarray, fraction: float = WORST_FRACTION) -> float:
+    """Mean of the lowest ``fraction`` of ``values`` (at least one value)."""
+    arr = np.sort(np.asarray(values, dtype=np.float64))
+    return float(arr[: max(1, int(np.ceil(fraction * arr.size)))].mean())
+
+
+def neighbour_agreement(outputs: np.ndarray, reference: np.ndarray, k: int = NEIGHBOURS) -> np.ndarray:
+    """Per example: |NN_k(reference) & NN_k(outputs)| / k, its ``k`` nearest neighbours by cosine
+    among the other examples (``k`` is capped at ``n - 1``)."""
+    n = len(outputs)
+    k = min(k, n - 1)
+    if k < 1:
+        return np.ones(n)
+
+    def neighbours(emb: np.ndarray) -> np.ndarray:
+        e = emb.reshape(n, -1).astype(np.float64)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), np.finfo(np.float64).tiny)
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)  # never its own neighbour
+        return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+    ref_nn, out_nn = neighbours(reference), neighbours(outputs)
+    return np.array([len(set(a) & set(b)) / k for a, b in zip(ref_nn.tolist(), out_nn.tolist())])
+
+
 @dataclass(frozen=True)
 class Task:
     """``classification``: top-1 accuracy against labels. ``fidelity``: label-free closeness of the
-    compressed model's outputs to the original's (top-1 agreement for class scores, else cosine)."""
+    compressed model's outputs to the original's (top-1 agreement for class scores, else cosine).
+    ``embedding``: label-free fidelity of an embedding model to the original on the test texts:
+    per-example cosine (primary: the budget's drop is ``1 - cosine``, paired against the original's
+    exact 1.0), ``worst5_cosine`` (mean of the lowest 5% of cosines, CI by bootstrapping that
+    statistic) and ``top10_agreement`` (overlap of each text's 10 nearest test neighbours)."""
 
     name: TaskName
 
     def primary_metric(self, outputs_shape: tuple[int, ...]) -> str:
         if self.name == "classification":
             return "accuracy"
+        if self.name == "embedding":
+            return "cosine_similarity"
         is_scores = len(outputs_shape) == 2 and outputs_shape[1] >= 2
         return "top1_agreement" if is_scores else "cosine_similarity"
 
@@ -64,6 +99,12 @@ class Task:
     ) -> dict[str, np.ndarray]:
         """Per-example scores on ``data``; ``reference`` holds the original model's outputs."""
         scores: dict[str, np.ndarray] = {}
+        if self.name == "embedding":
+            fid = fidelity_scores(outputs, reference)
+            return {
+                "cosine_similarity": fid["cosine_similarity"],
+                "top10_agreement": neighbour_agreement(outputs, reference),
+            }
         if data.y is not None and outputs.ndim == 2 and outputs.shape[1] >= 2:  # labels: accuracy too
             scores["accuracy"] = (outputs.argmax(axis=1) == data.y).astype(np.float64)
         if self.name == "fidelity":
@@ -71,12 +112,21 @@ class Task:
         return scores
 
 
+    def statistics(self) -> dict[str, tuple[str, Callable[[np.ndarray], float]]]:
+        """Metrics that are not means: ``name -> (per-example score they summarise, statistic)``;
+        their CI bootstraps the statistic itself."""
+        if self.name == "embedding":
+            return {"worst5_cosine": ("cosine_similarity", worst_fraction_mean)}
+        return {}
+
+
 def get_task(name: str) -> Task:
-    if name in ("classification", "fidelity"):
+    if name in TASK_NAMES:
         return Task(name)
     raise InputError(
         f"unknown task {name!r}",
         where="--task",
-        expected="classification or fidelity",
-        fix="pass --task classification (needs labels) or --task fidelity (label-free)",
+        expected=" or ".join(TASK_NAMES),
+        fix="pass --task classification (needs labels), --task fidelity (label-free) or --task embedding"
+        " (embedding models, label-free)",
     )

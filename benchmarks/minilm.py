@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from shrinkml.atomic import write_text  # noqa: E402
 from shrinkml.data.arrays import ArrayData, Splits  # noqa: E402
+from shrinkml.data.texts import generate_texts  # noqa: E402
 from shrinkml.environment import cpu_name  # noqa: E402
 from shrinkml.measure.latency import time_interleaved  # noqa: E402
 from shrinkml.models.text import TextEncoder  # noqa: E402
@@ -78,78 +79,9 @@ NOTES = """Exploration notes (`--quick --only ...` runs of this script, 128 held
 
 # --- texts ---------------------------------------------------------------------------------------
 
-_SUBJECTS = ["the engineer", "a small team", "our new model", "the city council", "my grandmother", "the startup",
-             "a local farmer", "the research lab", "the orchestra", "a young student", "the hospital", "the airline",
-             "this compiler", "the football club", "an old fisherman", "the museum", "the chef", "the satellite",
-             "a volunteer group", "the central bank"]
-_VERBS = ["announced", "rejected", "quietly improved", "tested", "celebrated", "criticized", "rebuilt", "measured",
-          "postponed", "explained", "ignored", "documented", "funded", "translated", "optimized", "painted"]
-_OBJECTS = ["the quarterly budget", "a faster database index", "the river bridge", "its annual festival",
-            "a recipe for lemon cake", "the train schedule", "a vaccine trial", "the ancient manuscript",
-            "the solar panels", "a neural network", "the harbour lights", "the school curriculum",
-            "the winter harvest", "a jazz album", "the tax code", "a mountain trail", "the memory allocator",
-            "the election results", "a children's book", "the coffee supply chain"]
-_PLACES = ["in Berlin", "near the coast", "after the storm", "during the night", "in a crowded hall",
-           "on Monday morning", "before the deadline", "in the northern valley", "at the conference",
-           "without any warning", "despite the protests", "for the first time"]
-_REASONS = ["because the costs kept rising", "so that more people could take part", "although nobody asked for it",
-            "while the critics waited", "to reduce waiting times", "after months of careful planning",
-            "since the old version kept failing", "to the surprise of everyone involved"]
-_ADJ = ["remarkable", "confusing", "expensive", "beautiful", "fragile", "surprisingly quick", "controversial",
-        "well-documented", "noisy", "elegant", "dangerous", "overdue"]
-_QUESTIONS = ["How does {s} plan to handle {o}?", "Why has {s} {v} {o} {p}?", "Is {o} really {a}?",
-              "What will happen to {o} {p}?", "Who {v} {o}?"]
-_TOPICS = ["weather", "sports", "cooking", "finance", "software", "medicine", "travel", "music", "history",
-           "gardening", "astronomy", "politics"]
-
-
-def _sentence(rng: np.random.Generator) -> str:
-    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
-    s, v, o, p, r, a = pick(_SUBJECTS), pick(_VERBS), pick(_OBJECTS), pick(_PLACES), pick(_REASONS), pick(_ADJ)
-    form = int(rng.integers(7))
-    if form == 0:
-        text = f"{s.capitalize()} {v} {o}."
-    elif form == 1:
-        text = f"{s.capitalize()} {v} {o} {p}, {r}."
-    elif form == 2:
-        text = pick(_QUESTIONS).format(s=s, v=v, o=o, p=p, a=a)
-        text = text[0].upper() + text[1:]
-    elif form == 3:
-        text = f"{o.capitalize()} was {a}; {s} {v} it {p}."
-    elif form == 4:
-        text = f"A note on {pick(_TOPICS)}: {s} {v} {o} {p}, and {pick(_SUBJECTS)} {pick(_VERBS)} {pick(_OBJECTS)} {r}."
-    elif form == 5:
-        text = f"{pick(_TOPICS).capitalize()}."
-    else:  # a short paragraph: several clauses, the long tail of lengths
-        n = int(rng.integers(2, 6))
-        parts = [f"{pick(_SUBJECTS)} {pick(_VERBS)} {pick(_OBJECTS)} {pick(_PLACES)}" for _ in range(n)]
-        text = (". ".join(x[0].upper() + x[1:] for x in parts)) + f", {r}. It was {a}."
-    return text
-
-
 def make_texts(n: int, seed: int) -> tuple[list[str], str]:
-    try:  # another part of the project may provide a built-in text set
-        from shrinkml.data import texts as builtin  # type: ignore[attr-defined]
-
-        for name in ("generate_texts", "load_texts", "builtin_texts"):
-            fn = getattr(builtin, name, None)
-            if callable(fn):
-                try:
-                    got = list(fn(n, seed=seed))
-                except TypeError:
-                    got = list(fn())
-                if len(got) >= n and all(isinstance(t, str) for t in got[:n]):
-                    return got[:n], f"builtin:texts (shrinkml.data.texts.{name})"
-    except ImportError:
-        pass
-    rng = np.random.default_rng(seed)
-    out, seen = [], set()
-    while len(out) < n:
-        t = _sentence(rng)
-        if t not in seen:
-            seen.add(t)
-            out.append(t)
-    return out, f"benchmarks/minilm.py template grammar (seed {seed})"
+    """The project's generated text set (``builtin:texts``)."""
+    return generate_texts(n, seed=seed), f"builtin:texts (shrinkml.data.texts.generate_texts, seed {seed})"
 
 
 # --- metrics -------------------------------------------------------------------------------------

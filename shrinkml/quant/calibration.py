@@ -24,6 +24,7 @@ import onnx
 
 from shrinkml.data import ArrayData
 from shrinkml.errors import InputError
+from shrinkml.runtimes.onnx_names import WEIGHT_OPS
 from shrinkml.quant.numerics import fake_quantize
 
 if TYPE_CHECKING:
@@ -153,6 +154,9 @@ class ActivationScan:
     highest: dict[str, float] = field(default_factory=dict)
     # (values, weights) per batch: a weighted subsample that stands for all of the batch's values
     samples: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    # tensors holding +-inf by design (attention masks filled with -inf before a Softmax): no
+    # quantization range exists for them, so the nodes around them must stay float
+    infinite: set[str] = field(default_factory=set)
 
 
 def _subsample(arr: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -194,11 +198,18 @@ def scan_activations(
     rng = np.random.default_rng(seed)
     scan = ActivationScan()
     order = {name: i for i, name in enumerate(tensors)}
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
     reader.rewind()
     seen = 0
     while (feed := reader.get_next()) is not None:
         values = dict(zip(output_names, session.run(output_names, feed)))
-        bad = [name for name in tensors if not np.isfinite(values[name]).all()]
+        # NaN is never by design, nor is +-inf computed by a layer (an overflow); +-inf from masking
+        # ops (Where, then Add/Softmax) is, and is handled by keeping those nodes float. The first
+        # bad tensor in graph order is the root cause (an overflow upstream turns into NaN later).
+        bad = [
+            name for name in tensors
+            if np.isnan(values[name]).any() or (producers.get(name) in WEIGHT_OPS and np.isinf(values[name]).any())
+        ]
         if bad:
             first = min(bad, key=order.__getitem__)
             batch = len(next(iter(feed.values())))
@@ -212,9 +223,10 @@ def scan_activations(
                 " inputs), or keep the layer in float with keep_float",
             )
         seen += len(next(iter(feed.values())))
+        scan.infinite.update(name for name in tensors if np.isinf(values[name]).any())
         for name in tensors:
             arr = values[name].reshape(-1)
-            if arr.size == 0:
+            if arr.size == 0 or name in scan.infinite:
                 continue
             lo, hi = float(arr.min()), float(arr.max())
             scan.lowest[name] = min(lo, scan.lowest.get(name, lo))
@@ -267,6 +279,7 @@ class CalibrationResult:
     ranges: dict[str, tuple[float, float]]
     examples: int
     clipped_tensors: int  # tensors whose range is narrower than their min-max range
+    infinite_tensors: tuple[str, ...] = ()  # hold +-inf (e.g. attention masks): no range, keep float
 
     def to_tensors_data(self) -> TensorsData:
         from onnxruntime.quantization import CalibrationMethod
@@ -325,17 +338,18 @@ def calibrate(
             lo, hi, t = mse_range(values, weights=weights, symmetric=spec.symmetric, signed=spec.signed)
             ranges[name] = (lo, hi)
             clipped += t < 1.0
-        return CalibrationResult(ranges, len(x), clipped)
+        return CalibrationResult(ranges, len(x), clipped, tuple(sorted(scan.infinite)))
     if spec.method in ("percentile", "entropy") and reader.batch_size == BATCH_SIZE:
         # ORT's histogram calibrators stack every batch's outputs with np.asarray, which fails when
         # the last batch is shorter; they keep all outputs in memory anyway, so use one batch.
         reader = ArrayReader(x, reader.input_name, len(x))
     ranges = _ort_ranges(model_path, reader, spec.method, op_types, spec.percentile, threads, workdir)
+    ranges = {name: r for name, r in ranges.items() if name not in scan.infinite}
     clipped = sum(
         1 for name, (lo, hi) in ranges.items()
         if name in minmax and (lo > min(minmax[name][0], 0.0) or hi < max(minmax[name][1], 0.0))
     )
-    return CalibrationResult(ranges, len(x), clipped)
+    return CalibrationResult(ranges, len(x), clipped, tuple(sorted(scan.infinite)))
 
 
 def _ort_ranges(model_path, reader, method, op_types, percentile, threads, workdir) -> dict[str, tuple[float, float]]:

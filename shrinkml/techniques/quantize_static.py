@@ -297,6 +297,10 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
     # ORT's quantizer takes precomputed ranges through its calibration cache (as min-max ranges,
     # whatever method chose them): one calibration serves every quantize() call below
     # (keep_float: auto makes many).
+    # Tensors that hold +-inf by design (attention masks) have no quantization range: the nodes
+    # that produce or read them stay float in every variant.
+    infinite = set(calibration.infinite_tensors)
+    forced_float = [n.name for n in float_model.graph.node if infinite & {*n.input, *n.output}]
     cache_path = workdir / "quantize_static.ranges.json"
     save_tensors_data(calibration.to_tensors_data(), cache_path)
     extra_options = {
@@ -320,7 +324,8 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
             quantize_static(
                 str(pre_path), str(out_path), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=op_types, per_channel=config.per_channel, activation_type=activation_type,
-                weight_type=QuantType.QInt8, nodes_to_exclude=list(keep), calibrate_method=CalibrationMethod.MinMax,
+                weight_type=QuantType.QInt8, nodes_to_exclude=[*keep, *forced_float],
+                calibrate_method=CalibrationMethod.MinMax,
                 extra_options=extra_options, calibration_cache_path=str(cache_path),
             )
         except Exception as exc:
@@ -344,6 +349,12 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
         calibrated_tensors=len(calibration.ranges),
         clipped_tensors=calibration.clipped_tensors,
     )
+    if forced_float:
+        summary["left_float_for_infinite_values"] = forced_float
+        summary["note"] = (
+            f"{len(forced_float)} nodes stay float because tensors they read or write hold +-inf during"
+            " calibration (e.g. attention masks), which no INT8 range can represent"
+        )
     return float_model, quantize, summary
 
 

@@ -308,3 +308,35 @@ def test_smoothquant_improves_a_block_with_outlier_channels(tmp_path):
         db[smooth] = sqnr_db(ref, OrtRunner(out.state.onnx_model.SerializeToString(), threads=1).run(ctx.splits.test.x))
     assert out.summary["smoothquant"]["smoothed_groups"] == 1
     assert db[True] > db[False] + 1.0, db
+
+
+def test_minus_inf_masks_stay_float_instead_of_failing(tmp_path):
+    """Attention-style masks hold -inf by design: the nodes around them stay float, the rest is
+    INT8, and the summary says so. (NaN stays an error: see the non-finite tests above.)"""
+    import torch
+    from torch import nn
+
+    from shrinkml.runtimes.onnxruntime import OrtRunner
+    from tests.conftest import make_ctx, toy_data
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            s = self.fc1(x.flatten(1)).masked_fill(x.flatten(1)[:, :32] < -0.2, float("-inf"))
+            return self.fc2(torch.softmax(s, dim=1))
+
+    model = Masked().eval()
+    ctx = make_ctx(model, tmp_path, data=toy_data(200))
+    out = apply(ModelState("torch", torch_model=model), QuantizeStaticConfig(), ctx)
+    assert set(out.summary["left_float_for_infinite_values"]) == {"/Where", "/Softmax"}
+    assert "+-inf" in out.summary["note"]
+    assert out.summary["quantized_ops"].get("Gemm") == 2
+    x = ctx.splits.test.x
+    got = OrtRunner(out.state.onnx_model.SerializeToString(), threads=1).run(x)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    assert np.isfinite(got).all() and np.abs(got - ref).max() < 0.05

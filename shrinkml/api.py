@@ -103,7 +103,7 @@ def _check_forward(loaded, example: np.ndarray, source: str, threads: int) -> No
         ) from exc
 
 
-def _prepare(model, data, task_name, weights, settings: RunSettings, needs_labels: bool):
+def _prepare(model, data, task_name, weights, settings: RunSettings):
     from shrinkml.models import load_model
 
     task = get_task(task_name)
@@ -119,6 +119,7 @@ def _prepare(model, data, task_name, weights, settings: RunSettings, needs_label
             "--task embedding needs an embedding model, but this directory holds a classifier",
             where=loaded.source, fix="use --task classification (labels) or --task fidelity",
         )
+    needs_labels = task.name == "classification"
     splits = load_data(
         data, seed=settings.seed, fractions=settings.splits, needs_labels=needs_labels, text_encoding=encoding
     )
@@ -126,6 +127,30 @@ def _prepare(model, data, task_name, weights, settings: RunSettings, needs_label
     example = splits.calibration.x[: min(len(splits.calibration), 8)]
     _check_forward(loaded, example, splits.source, settings.threads)
     return task, loaded, splits, example
+
+
+def _step_context(loaded, splits, task, example, settings, progress, workdir, budget=None):
+    """What every step sees: the splits, the task, and a frozen copy of the original model as the
+    distillation teacher (steps never change the model they were given)."""
+    from shrinkml.techniques.base import StepContext
+
+    teacher = None
+    if loaded.kind == "torch":
+        teacher = copy.deepcopy(loaded.module).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return StepContext(
+        splits=splits,
+        task=task,
+        teacher=teacher,
+        example_input=example,
+        seed=settings.seed,
+        threads=settings.threads,
+        progress=progress,
+        workdir=workdir,
+        export_tolerance=settings.export_tolerance,
+        budget=budget,
+    )
 
 
 def _initial_state(loaded):
@@ -223,15 +248,13 @@ def compress(
     """
     from shrinkml.artifacts import build_artifact
     from shrinkml.environment import environment
-    from shrinkml.techniques.base import StepContext, registry
+    from shrinkml.techniques.base import registry
 
     settings = settings or RunSettings()
     budget = budget or Budget()
     progress = progress or SILENT
     recipe = as_recipe(recipe)
-    task_obj, loaded, splits, example = _prepare(
-        model, data, task, weights, settings, needs_labels=task == "classification"
-    )
+    task_obj, loaded, splits, example = _prepare(model, data, task, weights, settings)
     recipe.check_model_kind(loaded.kind)
     techniques = registry()
     if settings.runtime == "torch":
@@ -247,11 +270,6 @@ def compress(
     with tempfile.TemporaryDirectory(prefix="shrinkml-") as tmp:
         workdir = Path(tmp)
         state = _initial_state(loaded)
-        teacher = None
-        if loaded.kind == "torch":
-            teacher = copy.deepcopy(loaded.module).eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
         art_kwargs = dict(
             runtime=settings.runtime,
             example=example,
@@ -261,18 +279,7 @@ def compress(
         )
         progress.log("building the baseline artifact")
         baseline_art = build_artifact(state, "baseline", **art_kwargs)
-        ctx = StepContext(
-            splits=splits,
-            task=task_obj,
-            teacher=teacher,
-            example_input=example,
-            seed=settings.seed,
-            threads=settings.threads,
-            progress=progress,
-            workdir=workdir,
-            export_tolerance=settings.export_tolerance,
-            budget=budget,
-        )
+        ctx = _step_context(loaded, splits, task_obj, example, settings, progress, workdir, budget)
         step_reports = []
         for i, step in enumerate(recipe.steps):
             progress.log(f"step {i + 1}/{len(recipe.steps)}: {step.technique}")
@@ -447,9 +454,7 @@ def bench(
 
     settings = settings or RunSettings()
     progress = progress or SILENT
-    task_obj, loaded, splits, example = _prepare(
-        model, data, task, weights, settings, needs_labels=task == "classification"
-    )
+    task_obj, loaded, splits, example = _prepare(model, data, task, weights, settings)
     with tempfile.TemporaryDirectory(prefix="shrinkml-") as tmp:
         workdir = Path(tmp)
         art = build_artifact(
@@ -501,7 +506,7 @@ def explain(
 
     from shrinkml.environment import environment
     from shrinkml.quant.sensitivity import Evaluator, layer_sensitivity, sqnr_db
-    from shrinkml.techniques.base import StepContext, registry
+    from shrinkml.techniques.base import registry
 
     settings = settings or RunSettings()
     progress = progress or SILENT
@@ -516,18 +521,11 @@ def explain(
             expected="one of " + ", ".join(quantizers),
             fix="end the recipe with the quantization step to analyse",
         )
-    task_obj, loaded, splits, example = _prepare(
-        model, data, task, weights, settings, needs_labels=task == "classification"
-    )
+    task_obj, loaded, splits, example = _prepare(model, data, task, weights, settings)
     recipe.check_model_kind(loaded.kind)
     with tempfile.TemporaryDirectory(prefix="shrinkml-") as tmp:
         state = _initial_state(loaded)
-        teacher = copy.deepcopy(loaded.module).eval() if loaded.kind == "torch" else None
-        ctx = StepContext(
-            splits=splits, task=task_obj, teacher=teacher, example_input=example, seed=settings.seed,
-            threads=settings.threads, progress=progress, workdir=Path(tmp),
-            export_tolerance=settings.export_tolerance,
-        )
+        ctx = _step_context(loaded, splits, task_obj, example, settings, progress, Path(tmp))
         for step in recipe.steps[:-1]:
             state = techniques[step.technique].apply(state, step, ctx).state
         float_model, quantize, _ = techniques[last.technique].build_quantizer(state, last, ctx)

@@ -263,3 +263,42 @@ def test_compress_torch_result_writes_a_loadable_sentence_transformers_dir(tmp_p
     assert manifest["text"]["model_dir"] == "model"
     assert manifest["text"]["model_dir_min_cosine_vs_compressed"] > 0.999
     assert "model" in result.files and (tmp_path / "out" / "model" / "modules.json").is_file()
+
+
+# --- export and calibration details ------------------------------------------------------------
+
+
+def test_export_uses_eager_attention_and_restores_it(loaded):
+    """SDPA exports as Where/IsNaN passes over every score tensor (slow in ONNX Runtime): the export
+    switches to the eager attention, matches PyTorch, and leaves the module as it was."""
+    from shrinkml.runtimes.export import export_onnx, max_abs_diff_vs_torch
+
+    module = loaded.module
+    before = module.transformer.config._attn_implementation
+    ids = loaded.text.tokenizer(TEXTS[:3], padding="max_length", max_length=24, truncation=True,
+                                return_tensors="np")["input_ids"].astype(np.int64)
+    proto = export_onnx(module, ids)
+    ops = {n.op_type for n in proto.graph.node}
+    assert "IsNaN" not in ops and "Softmax" in ops
+    assert module.transformer.config._attn_implementation == before
+    assert max_abs_diff_vs_torch(module, proto, ids, threads=1) < 1e-4
+
+
+def test_gptq_hessian_counts_only_real_tokens(loaded, tmp_path):
+    """Padding positions never reach the pooled embedding, so they carry no weight in GPTQ's Hessian:
+    the rows recorded equal the number of non-padding tokens."""
+    from shrinkml.data.arrays import ArrayData, Splits
+    from shrinkml.progress import SILENT
+    from shrinkml.tasks import get_task
+    from shrinkml.techniques.base import StepContext
+    from shrinkml.techniques.quantize_weight_only import _input_grams
+
+    ids = loaded.text.tokenizer(TEXTS[:5], padding="max_length", max_length=32, truncation=True,
+                                return_tensors="np")["input_ids"].astype(np.int64)
+    data = ArrayData(ids)
+    ctx = StepContext(splits=Splits(data, data, data.subset(np.arange(0)), source="t", seed=0),
+                      task=get_task("fidelity"), teacher=None, example_input=ids[:1], seed=0, threads=1,
+                      progress=SILENT, workdir=tmp_path)
+    name = "transformer.encoder.layer.0.attention.self.query"
+    grams = _input_grams(loaded.module, [name], ctx, size=5)
+    assert grams[name].rows == int((ids != 0).sum()) < ids.size

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -22,6 +24,34 @@ def _dynamic_input_axes(example: np.ndarray) -> dict[int, str]:
     return {0: "batch"}
 
 
+@contextlib.contextmanager
+def _eager_attention(module: torch.nn.Module) -> Iterator[None]:
+    """Hugging Face models inside ``module`` switched to their eager attention for the export.
+
+    Their default SDPA attention exports as masked ``Where`` / ``IsNaN`` passes over every
+    ``(batch, heads, seq, seq)`` score tensor; on all-MiniLM-L6-v2 at 32 x 128 tokens those took 30% of
+    an INT8 model's ONNX Runtime time. The eager path adds the mask to the scores instead: the same
+    function (checked against PyTorch after every export) and the graph ONNX Runtime's fusions expect.
+    """
+    switched = []
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        setter = getattr(sub, "set_attn_implementation", None)
+        current = getattr(config, "_attn_implementation", None)
+        if setter is None or current in (None, "eager"):  # submodels share the switched config
+            continue
+        try:
+            setter("eager")
+        except Exception:  # a model without an eager path keeps its own attention
+            continue
+        switched.append((sub, current))
+    try:
+        yield
+    finally:
+        for sub, previous in reversed(switched):
+            sub.set_attn_implementation(previous)
+
+
 def export_onnx(module: torch.nn.Module, example: np.ndarray, *, opset: int = 17) -> onnx.ModelProto:
     """Export ``module`` (in eval mode) with a dynamic batch axis.
 
@@ -32,7 +62,7 @@ def export_onnx(module: torch.nn.Module, example: np.ndarray, *, opset: int = 17
     module.eval()
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _eager_attention(module):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,

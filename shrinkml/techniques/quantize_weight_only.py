@@ -131,6 +131,14 @@ def _find_targets(model: onnx.ModelProto, modules: dict[str, nn.Module]) -> list
 # --- calibration ---------------------------------------------------------------------------------
 
 
+def _real_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """``(batch, seq)`` mask of non-padding tokens when ``model`` is a text encoder fed token ids, else None."""
+    pad = getattr(model, "pad_token_id", None)
+    if pad is None or batch.dim() != 2 or batch.dtype not in (torch.int32, torch.int64):
+        return None
+    return batch != pad
+
+
 def _input_grams(model: nn.Module, names: list[str], ctx: StepContext, size: int) -> dict[str, HessianAccumulator]:
     """``X^T X`` of each named Linear's inputs on up to ``size`` calibration examples."""
     from shrinkml.quant.gptq import HessianAccumulator
@@ -138,8 +146,16 @@ def _input_grams(model: nn.Module, names: list[str], ctx: StepContext, size: int
     modules = dict(model.named_modules())
     accumulators = {name: HessianAccumulator(modules[name].in_features) for name in names}
     x = ctx.splits.calibration.x[:size]
+    token_mask: list[torch.Tensor | None] = [None]  # the current batch's real (non-padding) tokens
+
+    def record(acc: HessianAccumulator, inputs: torch.Tensor) -> None:
+        mask = token_mask[0]
+        if mask is not None and inputs.dim() >= 3 and inputs.shape[:2] == mask.shape:
+            inputs = inputs[mask]  # padding positions never reach the pooled output: no weight in the Hessian
+        acc.add(inputs)
+
     hooks = [
-        modules[name].register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
+        modules[name].register_forward_pre_hook(lambda _m, args, acc=acc: record(acc, args[0]))
         for name, acc in accumulators.items()
     ]
     was_training = model.training
@@ -147,7 +163,9 @@ def _input_grams(model: nn.Module, names: list[str], ctx: StepContext, size: int
     try:
         with torch.inference_mode():
             for start in range(0, len(x), _CALIBRATION_BATCH):
-                model(torch.as_tensor(x[start : start + _CALIBRATION_BATCH]))
+                batch = torch.as_tensor(x[start : start + _CALIBRATION_BATCH])
+                token_mask[0] = _real_tokens(model, batch)
+                model(batch)
     finally:
         for hook in hooks:
             hook.remove()

@@ -154,9 +154,21 @@ class ActivationScan:
     highest: dict[str, float] = field(default_factory=dict)
     # (values, weights) per batch: a weighted subsample that stands for all of the batch's values
     samples: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
-    # tensors holding +-inf by design (attention masks filled with -inf before a Softmax): no
-    # quantization range exists for them, so the nodes around them must stay float
+    # tensors holding mask fills by design (attention masks filled with -inf or float32's lowest value
+    # before a Softmax): no useful quantization range exists for them, so the nodes around them stay float
     infinite: set[str] = field(default_factory=set)
+
+
+# Attention masks fill with -inf (SDPA) or with the dtype's lowest value (eager attention, -3.4e38 in
+# float32); no activation a layer computes comes near 1e30, and a range stretched to it would leave a
+# single INT8 step for all real values.
+MASK_FILL_MAGNITUDE = 1e30
+
+
+def _has_mask_fill(values: np.ndarray) -> bool:
+    return bool(values.size) and np.issubdtype(values.dtype, np.floating) and bool(
+        (np.abs(values) >= MASK_FILL_MAGNITUDE).any()
+    )
 
 
 def _subsample(arr: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -223,7 +235,7 @@ def scan_activations(
                 " inputs), or keep the layer in float with keep_float",
             )
         seen += len(next(iter(feed.values())))
-        scan.infinite.update(name for name in tensors if np.isinf(values[name]).any())
+        scan.infinite.update(name for name in tensors if _has_mask_fill(values[name]))
         for name in tensors:
             arr = values[name].reshape(-1)
             if arr.size == 0 or name in scan.infinite:

@@ -297,7 +297,8 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
     # ORT's quantizer takes precomputed ranges through its calibration cache (as min-max ranges,
     # whatever method chose them): one calibration serves every quantize() call below
     # (keep_float: auto makes many).
-    # Tensors that hold +-inf by design (attention masks) have no quantization range: the nodes
+    # Tensors that hold mask fills by design (attention masks: -inf, or float32's lowest value) have
+    # no usable quantization range: the nodes
     # that produce or read them stay float in every variant.
     infinite = set(calibration.infinite_tensors)
     forced_float = [n.name for n in float_model.graph.node if infinite & {*n.input, *n.output}]
@@ -352,8 +353,9 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
     if forced_float:
         summary["left_float_for_infinite_values"] = forced_float
         summary["note"] = (
-            f"{len(forced_float)} nodes stay float because tensors they read or write hold +-inf during"
-            " calibration (e.g. attention masks), which no INT8 range can represent"
+            f"{len(forced_float)} nodes stay float because tensors they read or write hold mask fill"
+            " values (+-inf or |x| >= 1e30, e.g. attention masks) during calibration, which no INT8 range can"
+            " represent"
         )
     return float_model, quantize, summary
 

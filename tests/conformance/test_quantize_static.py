@@ -310,9 +310,11 @@ def test_smoothquant_improves_a_block_with_outlier_channels(tmp_path):
     assert db[True] > db[False] + 1.0, db
 
 
-def test_minus_inf_masks_stay_float_instead_of_failing(tmp_path):
-    """Attention-style masks hold -inf by design: the nodes around them stay float, the rest is
-    INT8, and the summary says so. (NaN stays an error: see the non-finite tests above.)"""
+@pytest.mark.parametrize("fill", [float("-inf"), float(np.finfo(np.float32).min)], ids=["sdpa-inf", "eager-lowest"])
+def test_mask_fills_stay_float_instead_of_failing(tmp_path, fill):
+    """Attention-style masks hold -inf (SDPA) or float32's lowest value (eager attention) by design:
+    the nodes around them stay float, the rest is INT8, and the summary says so. (NaN stays an
+    error: see the non-finite tests above.)"""
     import torch
     from torch import nn
 
@@ -326,14 +328,14 @@ def test_minus_inf_masks_stay_float_instead_of_failing(tmp_path):
             self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
 
         def forward(self, x):
-            s = self.fc1(x.flatten(1)).masked_fill(x.flatten(1)[:, :32] < -0.2, float("-inf"))
+            s = self.fc1(x.flatten(1)).masked_fill(x.flatten(1)[:, :32] < -0.2, fill)
             return self.fc2(torch.softmax(s, dim=1))
 
     model = Masked().eval()
     ctx = make_ctx(model, tmp_path, data=toy_data(200))
     out = apply(ModelState("torch", torch_model=model), QuantizeStaticConfig(), ctx)
     assert set(out.summary["left_float_for_infinite_values"]) == {"/Where", "/Softmax"}
-    assert "+-inf" in out.summary["note"]
+    assert "mask fill" in out.summary["note"]
     assert out.summary["quantized_ops"].get("Gemm") == 2
     x = ctx.splits.test.x
     got = OrtRunner(out.state.onnx_model.SerializeToString(), threads=1).run(x)

@@ -10,6 +10,7 @@ from shrinkml.techniques import (  # noqa: F401
     quantize_qat,
     quantize_static,
     quantize_weight_only,
+    share_embeddings,
 )
 from shrinkml.techniques.base import StepConfig, get_technique, register, registry
 

@@ -265,6 +265,14 @@ def compress(
                     where=f"steps[{i}] with --runtime torch",
                     fix="use --runtime onnxruntime (the default) for recipes with ONNX quantization",
                 )
+    for i, step in enumerate(recipe.steps):
+        needed = techniques[step.technique].runtime
+        if needed is not None and needed != settings.runtime:
+            raise InputError(
+                f"{step.technique} makes a model only {needed} can run, but the run measures on {settings.runtime}",
+                where=f"steps[{i}] with --runtime {settings.runtime}",
+                fix=f"run with --runtime {needed}",
+            )
     progress.log(f"data {splits.source}: " + ", ".join(f"{k} {v}" for k, v in splits.sizes().items()))
 
     with tempfile.TemporaryDirectory(prefix="shrinkml-") as tmp:
@@ -396,6 +404,12 @@ def _text_outputs(loaded, state, workdir: Path, progress: Progress) -> tuple[dic
     return files, manifest
 
 
+def _has_int8(module) -> bool:
+    from shrinkml.techniques.quantize_bf16 import has_int8_modules
+
+    return has_int8_modules(module)
+
+
 def _write_outputs(
     out: Path, artifact, recipe: Recipe, report: dict, loaded, state=None, workdir: Path | None = None,
     progress: Progress = SILENT,
@@ -421,6 +435,11 @@ def _write_outputs(
             " model after fit_module_to_state_dict"
         ),
     }
+    if state is not None and state.kind == "torch" and _has_int8(state.torch_model):
+        manifest["load"] = (
+            "shrinkml.techniques.quantize_bf16.load_int8(original_float32_model, 'model.safetensors')"
+            " (INT8 codes; bfloat16 compute)"
+        )
     extra: dict[str, Path] = {}
     if getattr(loaded, "text", None) is not None and state is not None and workdir is not None:
         extra, text_manifest = _text_outputs(loaded, state, workdir, progress)

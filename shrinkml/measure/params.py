@@ -17,7 +17,8 @@ from onnx import TensorProto, numpy_helper
 
 
 def torch_param_counts(module: torch.nn.Module) -> tuple[int, int]:
-    """``(params, nonzero_params)`` over ``module.parameters()``, shared parameters counted once.
+    """``(params, nonzero_params)`` over ``module.parameters()``, shared parameters counted once,
+    plus INT8 weight codes held as ``weight_int8`` buffers.
 
     Pruning masks left by ``torch.nn.utils.prune`` are honoured: for a parameter ``weight_orig``
     with a buffer ``weight_mask`` the nonzeros are those of ``weight_orig * weight_mask``, which
@@ -40,6 +41,10 @@ def torch_param_counts(module: torch.nn.Module) -> tuple[int, int]:
                 data = data * mask
             total += data.numel()
             nonzero += int(torch.count_nonzero(data))
+        codes = buffers.get("weight_int8")  # quantize.bf16's INT8 weights are buffers, not parameters
+        if codes is not None:
+            total += codes.numel()
+            nonzero += int(torch.count_nonzero(codes))
     return total, nonzero
 
 

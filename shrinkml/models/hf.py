@@ -182,7 +182,9 @@ _SKIP_DIRS = {"onnx", "openvino", ".git", ".cache"}
 def save_text_model(module: Any, info: TextModelInfo, dest: Path) -> Path:
     """Write a loadable directory for ``module`` (a ``TextEncoder``): the original directory's
     non-weight files (tokenizer, modules.json, pooling/normalize folders, configs) plus the
-    transformer's weights via ``save_pretrained`` (safetensors), so config.json has any pruned shapes."""
+    transformer's weights via ``save_pretrained`` (safetensors), so config.json has any pruned shapes.
+    ``quantize.bf16``'s INT8 weights are written as the bfloat16 weights they dequantize to, which plain
+    transformers loads (the compact INT8 file is the run's ``model.safetensors``)."""
     import shutil
 
     from shrinkml.models.text import TextEncoder
@@ -202,7 +204,12 @@ def save_text_model(module: Any, info: TextModelInfo, dest: Path) -> Path:
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-    module.transformer.save_pretrained(str(dest / info.transformer_subdir), safe_serialization=True)
+    transformer = module.transformer
+    from shrinkml.techniques.quantize_bf16 import dequantized_copy, has_int8_modules
+
+    if has_int8_modules(transformer):  # INT8 codes -> the bfloat16 weights they compute with
+        transformer = dequantized_copy(transformer)
+    transformer.save_pretrained(str(dest / info.transformer_subdir), safe_serialization=True)
     return dest
 
 

@@ -5,6 +5,7 @@ from shrinkml.techniques import (  # noqa: F401
     prune_channels,
     prune_magnitude,
     prune_transformer,
+    quantize_bf16,
     quantize_dynamic,
     quantize_half,
     quantize_qat,

@@ -90,6 +90,7 @@ class Technique:
     # quantizers: (state, config, ctx) -> (float ONNX, quantize(keep_float_nodes) -> ONNX, summary),
     # which lets sensitivity analysis and `shrinkml explain` quantize one layer at a time
     build_quantizer: Callable[..., Any] | None = None
+    runtime: str | None = None  # the only runtime that can run the step's output (None: any)
 
 
 _REGISTRY: dict[str, Technique] = {}
@@ -102,6 +103,7 @@ def register(
     accepts: tuple[ModelKind, ...] = ("torch",),
     produces: ModelKind | None = None,
     quantizer: Callable[..., Any] | None = None,
+    runtime: str | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``apply`` as the handler of technique ``name`` configured by ``config_cls``."""
 
@@ -112,7 +114,7 @@ def register(
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _REGISTRY:
             raise ValueError(f"technique {name!r} is registered twice")
-        _REGISTRY[name] = Technique(name, config_cls, fn, frozenset(accepts), produces, quantizer)
+        _REGISTRY[name] = Technique(name, config_cls, fn, frozenset(accepts), produces, quantizer, runtime)
         return fn
 
     return decorator

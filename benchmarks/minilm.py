@@ -48,6 +48,7 @@ from shrinkml.data.arrays import ArrayData, Splits  # noqa: E402
 from shrinkml.data.texts import generate_texts  # noqa: E402
 from shrinkml.environment import cpu_name  # noqa: E402
 from shrinkml.measure.latency import time_interleaved  # noqa: E402
+from shrinkml.models.safetensors_io import save_state_dict  # noqa: E402
 from shrinkml.models.text import TextEncoder  # noqa: E402
 from shrinkml.progress import SILENT  # noqa: E402
 from shrinkml.recipe import Recipe  # noqa: E402
@@ -179,6 +180,8 @@ _FT = {"epochs": 10, "lr": 1e-4, "batch_size": 32, "distill": True, "alpha": 1.0
        "validation_fraction": 0.1, "patience": 2}
 _GPTQ = {"bits": 4, "method": "gptq"}
 RECIPES.update({
+    "bf16_int8": ("`quantize.bf16` (INT8 weights on disk, bfloat16 compute, PyTorch)", [("quantize.bf16", {})]),
+    "bf16_weights": ("`quantize.bf16` weights bfloat16 (PyTorch)", [("quantize.bf16", {"weights": "bfloat16"})]),
     "small_g64_share3": ("`weight_only` INT4 g64 GPTQ + `share.embeddings` (3 weights/code)",
                          [("quantize.weight_only", {**_GPTQ, "group_size": 64}), ("share.embeddings", {"vector_size": 3})]),
     "small_g128_share3": ("`weight_only` INT4 g128 GPTQ + `share.embeddings` (3 weights/code)",
@@ -216,7 +219,7 @@ DEFAULT = ["shrinkml_dynamic", "wo_int4_emb", "wo_int4_g128_emb", "wo_int4_g128_
 QUICK = ["shrinkml_dynamic", "wo_int4_g128_emb", "fast_emb4_dyn", "fast_emb4_dyn_keep_l5out"]
 
 
-def run_recipe(steps: list[tuple[str, dict]], model: torch.nn.Module, ctx: StepContext) -> tuple[onnx.ModelProto, list]:
+def run_recipe(steps: list[tuple[str, dict]], model: torch.nn.Module, ctx: StepContext) -> tuple[ModelState, list]:
     recipe = Recipe.from_dict({"steps": [{"technique": t, **keys} for t, keys in steps]})  # validates the keys
     state = ModelState("torch", torch_model=model)
     summaries = []
@@ -224,7 +227,7 @@ def run_recipe(steps: list[tuple[str, dict]], model: torch.nn.Module, ctx: StepC
         result = get_technique(config.technique).apply(state, config, ctx)
         state = result.state
         summaries.append({k: v for k, v in result.summary.items() if k not in ("layers", "keep_float_search")})
-    return state.onnx_model, summaries
+    return state, summaries
 
 
 def make_ctx(calibration: ArrayData, threads: int, seed: int, workdir: Path,
@@ -323,9 +326,16 @@ def main(argv: list[str] | None = None) -> dict:
         ctx = make_ctx(ArrayData(calib_ids), args.threads, args.seed, tmp, teacher)
         paths: dict[str, Path] = {}
 
-        def save(name: str, proto: onnx.ModelProto, seconds: float, extra: dict | None = None) -> None:
-            paths[name] = tmp / f"{name}.onnx"
-            onnx.save(proto, paths[name])
+        torch_models: dict[str, torch.nn.Module] = {}  # recipes whose result runs in PyTorch (quantize.bf16)
+
+        def save(name: str, proto: onnx.ModelProto | ModelState, seconds: float, extra: dict | None = None) -> None:
+            if isinstance(proto, ModelState) and proto.kind == "torch":  # the deployable safetensors file
+                paths[name] = tmp / f"{name}.safetensors"
+                save_state_dict(proto.torch_model.state_dict(), paths[name])
+                torch_models[name] = proto.torch_model.eval()
+            else:
+                paths[name] = tmp / f"{name}.onnx"
+                onnx.save(proto.onnx_model if isinstance(proto, ModelState) else proto, paths[name])
             variants[name] = {"label": labels.get(name, name), "build_seconds": seconds, **(extra or {})}
             print(f"[{name}] ready in {seconds:.1f} s, {paths[name].stat().st_size / 1e6:.2f} MB", flush=True)
 
@@ -368,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
             save(name, proto, time.perf_counter() - t0,
                  {"steps": [{"technique": t, **k} for t, k in steps], "summaries": summaries})
 
-        runners = {name: OrtRunner(p, threads=args.threads) for name, p in paths.items()}
+        runners = {name: OrtRunner(p, threads=args.threads) for name, p in paths.items() if name not in torch_models}
 
         def st_onnx_run(runner: OrtRunner, x: np.ndarray) -> np.ndarray:
             # sentence-transformers' ONNX takes ids + mask (+ token types) and returns token states
@@ -386,9 +396,13 @@ def main(argv: list[str] | None = None) -> dict:
             return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
         def call(name: str, x: np.ndarray) -> np.ndarray:
+            if name in torch_models:
+                with torch.inference_mode():
+                    return torch_models[name](torch.from_numpy(x)).numpy()
             return st_onnx_run(runners[name], x) if name.startswith("st_") else runners[name].run(x)
 
-        for name in runners:
+        measured = [*runners, *torch_models]
+        for name in measured:
             emb = np.concatenate([call(name, held_ids[i : i + BATCH]) for i in range(0, len(held_ids), BATCH)])
             variants[name]["size_bytes"] = paths[name].stat().st_size
             variants[name].update(quality(emb, reference, ref_nn, args.seed))
@@ -401,10 +415,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         fns_batch = {"pytorch_fp32": lambda: st.encode(batch_texts, batch_size=BATCH, convert_to_numpy=True),
                      "pytorch_fp32_padded": lambda: eager(batch_ids)}
-        fns_batch.update({n: (lambda n=n: call(n, batch_ids)) for n in runners})
+        fns_batch.update({n: (lambda n=n: call(n, batch_ids)) for n in measured})
         fns_single = {"pytorch_fp32": lambda: st.encode([single_text], convert_to_numpy=True),
                       "pytorch_fp32_padded": lambda: eager(single_ids)}
-        fns_single.update({n: (lambda n=n: call(n, single_ids)) for n in runners})
+        fns_single.update({n: (lambda n=n: call(n, single_ids)) for n in measured})
         print(f"timing {len(fns_batch)} variants x {args.repeats} interleaved rounds ...", flush=True)
         t0 = time.perf_counter()
         stats_batch = time_interleaved(fns_batch, warmup=2, repeats=args.repeats)

@@ -217,6 +217,10 @@ def _matmul_nbits_counts(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) ->
     return total, nonzero
 
 
+# names share.embeddings gives a shared table's initializers (prefix = the table's name)
+SHARED_CODES, SHARED_CODEBOOK, SHARED_OFFSETS = ".shared_codes", ".shared_codebook", ".shared_offsets"
+
+
 def onnx_param_counts(model: onnx.ModelProto, *, base_dir: str = "") -> tuple[int, int]:
     """``(params, nonzero_params)`` of the weights stored in an ONNX graph.
 
@@ -224,7 +228,8 @@ def onnx_param_counts(model: onnx.ModelProto, *, base_dir: str = "") -> tuple[in
     and index constants, quantization scales and zero points, and BatchNormalization running
     statistics (buffers, not parameters, in PyTorch). Quantized weights count as the float
     weights they replace; their zeros are the stored values equal to the zero point. A
-    MatMulNBits weight counts ``K*N`` elements, not its packed bytes. ``base_dir`` is where
+    MatMulNBits weight counts ``K*N`` elements, not its packed bytes, and a shared embedding table
+    (``share.embeddings``) counts the ``rows x width`` weights its codes stand for. ``base_dir`` is where
     external data lives, if the model was loaded without it.
 
     >>> onnx_param_counts(onnx.load("model.onnx"))  # doctest: +SKIP
@@ -239,10 +244,22 @@ def onnx_param_counts(model: onnx.ModelProto, *, base_dir: str = "") -> tuple[in
         for node in graph.node
         if _domain(node) == _MS and node.op_type == "MatMulNBits" and len(node.input) > 1
     }
+    # share.embeddings: uint8 codes index shared vectors of `d` weights in a codebook (M*K, d); the
+    # table they stand for has rows x M*d weights (the codebook and offsets are not counted again)
+    shared = {name[: -len(SHARED_CODES)] for name in arrays if name.endswith(SHARED_CODES)}
+    shared = {p for p in shared if p + SHARED_CODEBOOK in arrays and p + SHARED_OFFSETS in arrays}
+    skip = {p + suffix for p in shared for suffix in (SHARED_CODEBOOK, SHARED_OFFSETS)}
     total = nonzero = 0
     for init in graph.initializer:
         name, dims = init.name, tuple(init.dims)
-        if name in nbits_weights:
+        if name in skip:
+            continue
+        if name.endswith(SHARED_CODES) and name[: -len(SHARED_CODES)] in shared:
+            prefix = name[: -len(SHARED_CODES)]
+            codes, book = arrays[name].astype(np.int64), arrays[prefix + SHARED_CODEBOOK]
+            table = book[codes + arrays[prefix + SHARED_OFFSETS][None, :]]  # (rows, M, d)
+            t, nz = int(table.size), int(np.count_nonzero(table))
+        elif name in nbits_weights:
             t, nz = _matmul_nbits_counts(nbits_weights[name], arrays)
         elif _is_weight(dims, init.data_type, uses.get(name, []), dynamic_scales):
             array = arrays[name]

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 from pydantic import Field
 
 from shrinkml.errors import InputError
+from shrinkml.measure.params import SHARED_CODEBOOK, SHARED_CODES, SHARED_OFFSETS
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 from shrinkml.techniques.quantize_dynamic import float_onnx
 
@@ -156,10 +157,10 @@ def _rewrite(model: onnx.ModelProto, name: str, gathers: list[onnx.NodeProto], c
     graph = model.graph
     prefix = name.replace("/", "_")
     graph.initializer.extend([
-        numpy_helper.from_array(codes, f"{prefix}.shared_codes"),
+        numpy_helper.from_array(codes, prefix + SHARED_CODES),
         numpy_helper.from_array(codebooks.reshape(m * k, d).astype(helper.tensor_dtype_to_np_dtype(dtype)),
-                                f"{prefix}.shared_codebook"),
-        numpy_helper.from_array(np.arange(m, dtype=np.int64) * k, f"{prefix}.shared_offsets"),
+                                prefix + SHARED_CODEBOOK),
+        numpy_helper.from_array(np.arange(m, dtype=np.int64) * k, prefix + SHARED_OFFSETS),
         numpy_helper.from_array(np.array([m * d], dtype=np.int64), f"{prefix}.shared_width"),
     ])
     replaced = {g.output[0] for g in gathers}  # outputs are unique in a graph (SSA)
@@ -171,10 +172,10 @@ def _rewrite(model: onnx.ModelProto, name: str, gathers: list[onnx.NodeProto], c
             continue
         base, indices, out = node.name or f"{prefix}_gather", node.input[1], node.output[0]
         graph.node.extend([
-            helper.make_node("Gather", [f"{prefix}.shared_codes", indices], [f"{base}/codes"], name=f"{base}/codes", axis=0),
+            helper.make_node("Gather", [prefix + SHARED_CODES, indices], [f"{base}/codes"], name=f"{base}/codes", axis=0),
             helper.make_node("Cast", [f"{base}/codes"], [f"{base}/codes64"], name=f"{base}/cast", to=onnx.TensorProto.INT64),
-            helper.make_node("Add", [f"{base}/codes64", f"{prefix}.shared_offsets"], [f"{base}/flat"], name=f"{base}/offset"),
-            helper.make_node("Gather", [f"{prefix}.shared_codebook", f"{base}/flat"], [f"{base}/vectors"],
+            helper.make_node("Add", [f"{base}/codes64", prefix + SHARED_OFFSETS], [f"{base}/flat"], name=f"{base}/offset"),
+            helper.make_node("Gather", [prefix + SHARED_CODEBOOK, f"{base}/flat"], [f"{base}/vectors"],
                              name=f"{base}/vectors", axis=0),
             helper.make_node("Shape", [indices], [f"{base}/index_shape"], name=f"{base}/index_shape"),
             helper.make_node("Concat", [f"{base}/index_shape", f"{prefix}.shared_width"], [f"{base}/shape"],

@@ -135,3 +135,15 @@ def test_unknown_table_name_lists_the_tables(tmp_path):
     with pytest.raises(InputError, match="no embedding table named 'nope'") as info:
         apply(ModelState("torch", torch_model=model), ShareEmbeddingsConfig(tables=("nope",)), ctx)
     assert "embeddings.word.weight" in str(info.value)
+
+
+def test_parameter_count_is_the_logical_table_size(tmp_path):
+    """Codes stand for rows x width weights: the count neither shrinks by the code width nor adds the
+    codebook (the report must not claim fewer parameters for the same function shape)."""
+    from shrinkml.measure.params import onnx_param_counts
+    from shrinkml.runtimes.export import export_onnx
+
+    model, ctx = setup(tmp_path)
+    before = onnx_param_counts(export_onnx(model, ctx.example_input))[0]
+    out = apply(ModelState("torch", torch_model=model), ShareEmbeddingsConfig(), ctx)
+    assert onnx_param_counts(out.state.onnx_model)[0] == before

@@ -103,6 +103,14 @@ def _check_forward(loaded, example: np.ndarray, source: str, threads: int) -> No
         ) from exc
 
 
+def _data_section(splits, settings: RunSettings, loaded, example) -> dict[str, Any]:
+    section: dict[str, Any] = {"source": splits.source, "seed": settings.seed, "splits": splits.sizes()}
+    if getattr(loaded, "text", None) is not None:  # every text is padded / truncated to this many tokens
+        section["tokens_per_text"] = int(example.shape[1])
+        section["padding"] = "every text padded (and truncated) to tokens_per_text; latency is measured on those"
+    return section
+
+
 def _prepare(model, data, task_name, weights, settings: RunSettings):
     from shrinkml.models import load_model
 
@@ -312,7 +320,7 @@ def compress(
             "model": {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind},
             "task": {"name": task_obj.name, "primary_metric": primary},
             "runtime": {"name": settings.runtime, "threads": settings.threads, "batch_n": settings.batch_n},
-            "data": {"source": splits.source, "seed": settings.seed, "splits": splits.sizes()},
+            "data": _data_section(splits, settings, loaded, example),
             "baseline": b,
             "compressed": c,
             "delta": {
@@ -493,7 +501,7 @@ def bench(
         "model": {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind},
         "task": {"name": task_obj.name},
         "runtime": {"name": settings.runtime, "threads": settings.threads, "batch_n": settings.batch_n},
-        "data": {"source": splits.source, "seed": settings.seed, "splits": splits.sizes()},
+        "data": _data_section(splits, settings, loaded, example),
         "measurement": measurement,
         "cost": {
             "currency": "USD",

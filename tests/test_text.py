@@ -206,6 +206,7 @@ def test_cli_compress_minilm_quantize_dynamic(tmp_path, loaded):
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == {"name": "embedding", "primary_metric": "cosine_similarity"}
+    assert report["data"]["tokens_per_text"] == 24
     for side in ("baseline", "compressed"):
         metrics = report[side]["metrics"]
         assert set(metrics) == {"cosine_similarity", "worst5_cosine", "top10_agreement"}

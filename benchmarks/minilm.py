@@ -10,7 +10,7 @@ calling the technique ``apply`` functions in sequence on a ``ModelState`` (ONNX 
 
     HF_HUB_OFFLINE=1 python3 benchmarks/minilm.py --st-onnx benchmarks/.cache/st_onnx   # full run (~8 min)
     HF_HUB_OFFLINE=1 python3 benchmarks/minilm.py --quick    # fewer texts and rounds, no docs
-    HF_HUB_OFFLINE=1 python3 benchmarks/minilm.py --quick --only bf16_int8,small_g64_share3
+    HF_HUB_OFFLINE=1 python3 benchmarks/minilm.py --quick --only bf16_int8,small_g128_share3
 
 Texts: ``builtin:texts`` (shrinkml.data.texts); 256 calibration texts (static ranges, GPTQ, distillation) and 512 held-out texts for every quality
 figure (never the calibration texts). Quality: cosine of each held-out embedding with PyTorch FP32
@@ -191,8 +191,6 @@ _GPTQ = {"bits": 4, "method": "gptq"}
 RECIPES.update({
     "bf16_int8": ("`quantize.bf16` (INT8 weights on disk, bfloat16 compute, PyTorch)", [("quantize.bf16", {})]),
     "bf16_weights": ("`quantize.bf16` weights bfloat16 (PyTorch)", [("quantize.bf16", {"weights": "bfloat16"})]),
-    "small_g64_share3": ("`weight_only` INT4 g64 GPTQ + `share.embeddings` (3 weights/code)",
-                         [("quantize.weight_only", {**_GPTQ, "group_size": 64}), ("share.embeddings", {"vector_size": 3})]),
     "small_g128_share3": ("`weight_only` INT4 g128 GPTQ + `share.embeddings` (3 weights/code)",
                           [("quantize.weight_only", {**_GPTQ, "group_size": 128}), ("share.embeddings", {"vector_size": 3})]),
     "small_g32_share4": ("`weight_only` INT4 g32 GPTQ + `share.embeddings` (4 weights/code)",
@@ -225,7 +223,7 @@ RECIPES["recipe_minilm_fast"] = ("`recipes/minilm-fast.yaml` (PyTorch: INT8 file
 RECIPES["recipe_minilm_small"] = ("`recipes/minilm-small.yaml` (ONNX Runtime)", _from_yaml("minilm-small.yaml"))
 DEFAULT = ["shrinkml_dynamic", "shrinkml_static", "wo_int4_g128_gptq_emb", "bf16_weights", "recipe_minilm_fast",
            "recipe_minilm_small", "small_g128_share3"]
-QUICK = ["shrinkml_dynamic", "wo_int4_g128_emb", "fast_emb4_dyn", "fast_emb4_dyn_keep_l5out"]
+QUICK = ["shrinkml_dynamic", "wo_int4_g128_emb", "recipe_minilm_fast"]
 
 
 def run_recipe(steps: list[tuple[str, dict]], model: torch.nn.Module, ctx: StepContext) -> tuple[ModelState, list]:

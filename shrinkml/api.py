@@ -451,6 +451,9 @@ def _write_outputs(
     extra: dict[str, Path] = {}
     if getattr(loaded, "text", None) is not None and state is not None and workdir is not None:
         extra, text_manifest = _text_outputs(loaded, state, workdir, progress)
+        if artifact.runtime != "onnxruntime":  # the model file is safetensors: same ids in, same output
+            text_manifest["model_input"] = text_manifest.pop("onnx_input")
+            text_manifest["model_output"] = text_manifest.pop("onnx_output")
         manifest["text"] = text_manifest
     return _stage_outputs(
         out,

@@ -330,7 +330,8 @@ def test_cli_compress_minilm_fast_recipe_writes_int8_file_and_a_plain_sentence_t
     fp32_bytes = os.path.getsize(os.path.join(MODEL_DIR, "model.safetensors"))
     assert (out / "model.safetensors").stat().st_size < 0.26 * fp32_bytes
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "load_int8" in manifest["load"]
+    assert "load_int8" in manifest["load"] and "onnx_input" not in manifest["text"]
+    assert "token ids" in manifest["text"]["model_input"]
     assert manifest["text"]["model_dir_min_cosine_vs_compressed"] > 0.999  # loaded by sentence-transformers
 
     original = TextEncoder(AutoModel.from_pretrained(MODEL_DIR, local_files_only=True)).eval()

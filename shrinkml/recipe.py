@@ -170,6 +170,14 @@ class Recipe:
         producer = "the input model"
         for i, step in enumerate(self.steps):
             technique = techniques[step.technique]
+            if i and techniques[self.steps[i - 1].technique].runtime is not None:
+                before = self.steps[i - 1].technique
+                raise InputError(
+                    f"{step.technique} comes after {before}, whose model only {techniques[before].runtime} runs",
+                    where=f"steps[{i}]",
+                    expected=f"{before} as the last step",
+                    fix=f"move {before} to the end of the recipe",
+                )
             if current not in technique.accepts:
                 raise InputError(
                     f"{step.technique} needs a PyTorch model, but {producer} is ONNX",

@@ -143,3 +143,12 @@ def test_compress_refuses_onnxruntime_with_the_fix(tmp_path):
     with pytest.raises(InputError, match="only torch can run") as info:
         shrinkml.compress(tiny_mlp(), [{"technique": "quantize.bf16"}], data=toy_data(100))
     assert "--runtime torch" in str(info.value)
+
+
+def test_it_must_be_the_last_step():
+    from shrinkml.recipe import Recipe
+
+    recipe = Recipe.from_steps([{"technique": "quantize.bf16"}, {"technique": "prune.magnitude"}])
+    with pytest.raises(InputError, match="comes after quantize.bf16") as info:
+        recipe.check_model_kind("torch")
+    assert info.value.where == "steps[1]" and "last step" in str(info.value)

@@ -360,7 +360,9 @@ def compress(
     )
 
 
-def _text_outputs(loaded, state, workdir: Path, progress: Progress) -> tuple[dict[str, Path], dict[str, Any]]:
+def _text_outputs(
+    loaded, state, workdir: Path, progress: Progress, *, threads: int = 1, tolerance: float = 1e-4
+) -> tuple[dict[str, Path], dict[str, Any]]:
     """For text models: the tokenizer (to feed model.onnx) and, when the final model is still
     PyTorch, a directory sentence-transformers / transformers can load, verified in a subprocess."""
     from shrinkml.models.hf import save_text_model, verify_sentence_transformers
@@ -391,6 +393,23 @@ def _text_outputs(loaded, state, workdir: Path, progress: Progress) -> tuple[dic
         return files, manifest
     files["model"] = model_dir
     manifest["model_dir"] = "model"
+    import torch
+
+    if all(p.dtype == torch.float32 for p in state.torch_model.parameters()):
+        from shrinkml.data.texts import generate_texts
+        from shrinkml.models.hf import tokenize
+        from shrinkml.models.hf_onnx import export_hf_layout
+
+        ids = tokenize(info.tokenizer, generate_texts(4, seed=2), info.max_seq_length or 128)
+        try:
+            manifest["model_dir_onnx"] = export_hf_layout(
+                state.torch_model, info.tokenizer, ids, model_dir / info.transformer_subdir, kind=info.kind,
+                pad_token_id=pad, threads=threads, tolerance=tolerance,
+            )
+        except Exception as exc:  # the directory stays usable from its safetensors
+            manifest["model_dir_onnx_note"] = f"onnx/model.onnx not written: {type(exc).__name__}: {exc}"
+    else:
+        manifest["model_dir_onnx_note"] = "no onnx/model.onnx: the model computes in bfloat16, which ONNX Runtime's CPU provider cannot run"
     import importlib.util
 
     if info.sentence_transformers and importlib.util.find_spec("sentence_transformers") is None:
@@ -450,7 +469,10 @@ def _write_outputs(
         )
     extra: dict[str, Path] = {}
     if getattr(loaded, "text", None) is not None and state is not None and workdir is not None:
-        extra, text_manifest = _text_outputs(loaded, state, workdir, progress)
+        extra, text_manifest = _text_outputs(
+            loaded, state, workdir, progress,
+            threads=report["runtime"]["threads"], tolerance=report["export"]["tolerance"],
+        )
         if artifact.runtime != "onnxruntime":  # the model file is safetensors: same ids in, same output
             text_manifest["model_input"] = text_manifest.pop("onnx_input")
             text_manifest["model_output"] = text_manifest.pop("onnx_output")

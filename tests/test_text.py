@@ -339,3 +339,27 @@ def test_cli_compress_minilm_fast_recipe_writes_int8_file_and_a_plain_sentence_t
     ids = torch.as_tensor(np.array([[101, 2023, 2003, 1037, 3231, 102]]))
     with torch.inference_mode():
         assert _cos(rebuilt(ids).numpy(), original(ids).numpy()).min() > 0.995
+
+
+def test_model_dir_onnx_has_the_hugging_face_layout(tmp_path, loaded):
+    """onnx/model.onnx takes the tokenizer's outputs by name with dynamic batch and sequence axes and
+    returns the token states; mean-pooled in numpy they are the sentence-transformers embedding."""
+    import onnxruntime as ort
+    from sentence_transformers import SentenceTransformer
+
+    from shrinkml.models.hf import tokenize
+    from shrinkml.models.hf_onnx import export_hf_layout
+
+    ids = tokenize(loaded.text.tokenizer, TEXTS[:4], 32)
+    info = export_hf_layout(loaded.module, loaded.text.tokenizer, ids, tmp_path, kind="embedding", pad_token_id=0,
+                            threads=2, tolerance=1e-4)
+    assert info["inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
+    assert info["output"] == "last_hidden_state" and info["max_abs_diff_vs_pytorch"] < 1e-4
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == info["inputs"]
+    enc = loaded.text.tokenizer(TEXTS[:5], padding=True, return_tensors="np")  # another batch size and length
+    states = session.run(None, {k: enc[k].astype(np.int64) for k in info["inputs"]})[0]
+    mask = enc["attention_mask"][..., None]
+    pooled = (states * mask).sum(1) / mask.sum(1)
+    reference = SentenceTransformer(MODEL_DIR, device="cpu").encode(TEXTS[:5], convert_to_numpy=True)
+    assert _cos(pooled, reference).min() > 0.99999

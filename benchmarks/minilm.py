@@ -135,7 +135,6 @@ def quality(emb: np.ndarray, ref: np.ndarray, ref_nn: np.ndarray, seed: int) -> 
 
 # --- variants ------------------------------------------------------------------------------------
 
-ENCODER = "transformer.encoder.*"
 
 # name -> (label, list of (technique, keys)); every key is a recipe key (see recipes/minilm-*.yaml)
 RECIPES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
@@ -156,34 +155,6 @@ RECIPES: dict[str, tuple[str, list[tuple[str, dict]]]] = {
     "wo_int4_g128_gptq_emb": ("`weight_only` INT4 g128 GPTQ + emb",
                               [("quantize.weight_only", {"bits": 4, "group_size": 128, "method": "gptq",
                                                          "quantize_embeddings": True})]),
-    "fast_emb4_dyn": ("emb INT4 (`weight_only`) + `quantize.dynamic`",
-                      [("quantize.weight_only", {"bits": 4, "quantize_embeddings": True, "keep_float": [ENCODER]}),
-                       ("quantize.dynamic", {})]),
-    "fast_emb4_dyn_keep_l5out": ("emb INT4 + dynamic, layer 5 FFN out float",
-                                 [("quantize.weight_only", {"bits": 4, "quantize_embeddings": True,
-                                                            "keep_float": [ENCODER]}),
-                                  ("quantize.dynamic", {"keep_float": ["transformer.encoder.layer.5.output.dense"]})]),
-    "fast_emb4_dyn_keep_l0out": ("emb INT4 + dynamic, layer 0 FFN out float",
-                                 [("quantize.weight_only", {"bits": 4, "quantize_embeddings": True,
-                                                            "keep_float": [ENCODER]}),
-                                  ("quantize.dynamic", {"keep_float": ["transformer.encoder.layer.0.output.dense"]})]),
-    "fast_emb4_dyn_keep_l05out": ("emb INT4 + dynamic, layers 0,5 FFN out float",
-                                  [("quantize.weight_only", {"bits": 4, "quantize_embeddings": True,
-                                                             "keep_float": [ENCODER]}),
-                                   ("quantize.dynamic", {"keep_float": ["transformer.encoder.layer.0.output.dense",
-                                                                        "transformer.encoder.layer.5.output.dense"]})]),
-    "fast_emb4g16_dyn": ("emb INT4 g16 (`weight_only`) + `quantize.dynamic`",
-                         [("quantize.weight_only", {"bits": 4, "group_size": 16, "quantize_embeddings": True,
-                                                    "keep_float": [ENCODER]}),
-                          ("quantize.dynamic", {})]),
-    "fast_emb4g16_dyn_keep_l0out": ("emb INT4 g16 + dynamic, layer 0 FFN out float",
-                                    [("quantize.weight_only", {"bits": 4, "group_size": 16, "quantize_embeddings": True,
-                                                               "keep_float": [ENCODER]}),
-                                     ("quantize.dynamic", {"keep_float": ["transformer.encoder.layer.0.output.dense"]})]),
-    "fast_emb8_dyn_keep_l5out": ("emb INT8 g32 + dynamic, layer 5 FFN out float",
-                                 [("quantize.weight_only", {"bits": 8, "quantize_embeddings": True,
-                                                            "keep_float": [ENCODER]}),
-                                  ("quantize.dynamic", {"keep_float": ["transformer.encoder.layer.5.output.dense"]})]),
 }
 _FT = {"epochs": 10, "lr": 1e-4, "batch_size": 32, "distill": True, "alpha": 1.0, "loss": "cosine",
        "validation_fraction": 0.1, "patience": 2}

@@ -265,15 +265,13 @@ def compress(
     task_obj, loaded, splits, example = _prepare(model, data, task, weights, settings)
     recipe.check_model_kind(loaded.kind)
     techniques = registry()
-    if settings.runtime == "torch":
-        for i, step in enumerate(recipe.steps):
-            if techniques[step.technique].produces == "onnx":
-                raise InputError(
-                    f"{step.technique} produces an ONNX Runtime model, which PyTorch cannot run",
-                    where=f"steps[{i}] with --runtime torch",
-                    fix="use --runtime onnxruntime (the default) for recipes with ONNX quantization",
-                )
     for i, step in enumerate(recipe.steps):
+        if settings.runtime == "torch" and techniques[step.technique].produces == "onnx":
+            raise InputError(
+                f"{step.technique} produces an ONNX Runtime model, which PyTorch cannot run",
+                where=f"steps[{i}] with --runtime torch",
+                fix="use --runtime onnxruntime (the default) for recipes with ONNX quantization",
+            )
         needed = techniques[step.technique].runtime
         if needed is not None and needed != settings.runtime:
             raise InputError(
@@ -361,7 +359,8 @@ def compress(
 
 
 def _text_outputs(
-    loaded, state, workdir: Path, progress: Progress, *, threads: int = 1, tolerance: float = 1e-4
+    loaded, state, workdir: Path, progress: Progress, *, runtime: str = "onnxruntime", threads: int = 1,
+    tolerance: float = 1e-4,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     """For text models: the tokenizer (to feed model.onnx) and, when the final model is still
     PyTorch, a directory sentence-transformers / transformers can load, verified in a subprocess."""
@@ -373,11 +372,12 @@ def _text_outputs(
     info.tokenizer.save_pretrained(str(tok_dir))
     files: dict[str, Path] = {"tokenizer": tok_dir}
     pad = info.tokenizer.pad_token_id if info.tokenizer.pad_token_id is not None else 0
+    prefix = "onnx" if runtime == "onnxruntime" else "model"  # model.onnx, or the safetensors file
     manifest: dict[str, Any] = {
         "tokenizer_dir": "tokenizer",
-        "onnx_input": f"int64 token ids (batch, sequence) from the tokenizer; positions equal to the pad id"
+        f"{prefix}_input": f"int64 token ids (batch, sequence) from the tokenizer; positions equal to the pad id"
         f" {pad} are masked (the attention mask is derived inside the model); sequence length is dynamic",
-        "onnx_output": "L2-normalized pooled embedding (batch, hidden)" if info.kind == "embedding" and info.normalize
+        f"{prefix}_output": "L2-normalized pooled embedding (batch, hidden)" if info.kind == "embedding" and info.normalize
         else ("pooled embedding (batch, hidden)" if info.kind == "embedding" else "logits (batch, classes)"),
         "model_dir": None,
     }
@@ -470,12 +470,9 @@ def _write_outputs(
     extra: dict[str, Path] = {}
     if getattr(loaded, "text", None) is not None and state is not None and workdir is not None:
         extra, text_manifest = _text_outputs(
-            loaded, state, workdir, progress,
+            loaded, state, workdir, progress, runtime=artifact.runtime,
             threads=report["runtime"]["threads"], tolerance=report["export"]["tolerance"],
         )
-        if artifact.runtime != "onnxruntime":  # the model file is safetensors: same ids in, same output
-            text_manifest["model_input"] = text_manifest.pop("onnx_input")
-            text_manifest["model_output"] = text_manifest.pop("onnx_output")
         manifest["text"] = text_manifest
     return _stage_outputs(
         out,

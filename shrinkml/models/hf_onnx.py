@@ -52,7 +52,7 @@ def export_hf_layout(module: nn.Module, tokenizer: Any, ids: np.ndarray, dest: P
     import onnxruntime as ort
 
     from shrinkml.atomic import write_bytes
-    from shrinkml.runtimes.export import _eager_attention
+    from shrinkml.runtimes.export import eager_attention
 
     transformer = module.transformer.eval()
     names = input_names(transformer, tokenizer)
@@ -64,7 +64,7 @@ def export_hf_layout(module: nn.Module, tokenizer: Any, ids: np.ndarray, dest: P
     axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
     axes[output] = {0: "batch_size"} if kind == "classifier" else {0: "batch_size", 1: "sequence_length"}
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), _eager_attention(wrapper), torch.inference_mode():
+    with warnings.catch_warnings(), eager_attention(wrapper), torch.inference_mode():
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, tuple(torch.from_numpy(feeds[n]) for n in names), buffer, dynamo=False,
                           input_names=names, output_names=[output], dynamic_axes=axes, opset_version=17,

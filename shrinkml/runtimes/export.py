@@ -25,7 +25,7 @@ def _dynamic_input_axes(example: np.ndarray) -> dict[int, str]:
 
 
 @contextlib.contextmanager
-def _eager_attention(module: torch.nn.Module) -> Iterator[None]:
+def eager_attention(module: torch.nn.Module) -> Iterator[None]:
     """Hugging Face models inside ``module`` switched to their eager attention for the export.
 
     Their default SDPA attention exports as masked ``Where`` / ``IsNaN`` passes over every
@@ -62,7 +62,7 @@ def export_onnx(module: torch.nn.Module, example: np.ndarray, *, opset: int = 17
     module.eval()
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), _eager_attention(module):
+        with warnings.catch_warnings(), eager_attention(module):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,

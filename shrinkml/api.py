@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import os
 import shutil
 import tempfile
@@ -22,16 +21,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from shrinkml.budget import Budget
-from shrinkml.cost import CostSettings, cost_report, model_cost
+from shrinkml.cost import CostSettings
 from shrinkml.data import SplitFractions, Splits, load_data
 from shrinkml.errors import InputError
 from shrinkml.progress import SILENT, Progress
 from shrinkml.recipe import Recipe, as_recipe
 from shrinkml.tasks import Task, get_task
-
-REPORT_SCHEMA = "shrinkml.report/1"
-BENCH_SCHEMA = "shrinkml.bench/1"
-
 
 def _default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 4))
@@ -101,14 +96,6 @@ def _check_forward(loaded, example: np.ndarray, source: str, threads: int) -> No
             f" failed with {type(exc).__name__}: {first_line[:300]}",
             fix="check that --data matches the model's input (shape per example, channels first)",
         ) from exc
-
-
-def _data_section(splits, settings: RunSettings, loaded, example) -> dict[str, Any]:
-    section: dict[str, Any] = {"source": splits.source, "seed": settings.seed, "splits": splits.sizes()}
-    if getattr(loaded, "text", None) is not None:  # every text is padded / truncated to this many tokens
-        section["tokens_per_text"] = int(example.shape[1])
-        section["padding"] = "every text padded (and truncated) to tokens_per_text; latency is measured on those"
-    return section
 
 
 def _prepare(model, data, task_name, weights, settings: RunSettings):
@@ -186,22 +173,6 @@ def _measure(artifacts, splits: Splits, task: Task, settings: RunSettings, workd
         workdir=workdir,
         progress=progress,
     )
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b in (None, 0) else float(a) / float(b)
-
-
-def _notes(baseline: dict, compressed: dict, steps: list[dict]) -> list[str]:
-    # caveats a step states about its own result (e.g. FP16 without native FP16 arithmetic)
-    notes = [f"{s['technique']}: {s['summary']['note']}" for s in steps if s["summary"].get("note")]
-    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {compressed['latency_ms']['batch_n']['n']}")):
-        b, c = baseline["latency_ms"][key]["p50"], compressed["latency_ms"][key]["p50"]
-        if c > b:
-            notes.append(f"The compressed model is slower than the baseline at {label} on this runtime ({c:.3g} ms vs {b:.3g} ms, median).")
-    if compressed["size_bytes"] > baseline["size_bytes"]:
-        notes.append("The compressed artifact is larger on disk than the baseline.")
-    return notes
 
 
 def _stage_outputs(out: Path, files: dict[str, Path | str | bytes]) -> dict[str, Path]:
@@ -305,51 +276,24 @@ def compress(
         base_a, comp_a = _measure([baseline_art, compressed_art], splits, task_obj, settings, workdir, progress)
 
         from shrinkml.measure.assess import metric_drop
+        from shrinkml.report.build import build_report
 
         primary = task_obj.primary_metric(base_a.outputs.shape)
         drop = metric_drop(
             base_a, comp_a, primary, drop_type=budget.drop_type, seed=settings.seed, resamples=settings.bootstrap_resamples
         )
-        worst = drop["ci95"][1]
-        b, c = base_a.measurement, comp_a.measurement
-        report = {
-            "schema": REPORT_SCHEMA,
-            "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "model": {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind},
-            "task": {"name": task_obj.name, "primary_metric": primary},
-            "runtime": {"name": settings.runtime, "threads": settings.threads, "batch_n": settings.batch_n},
-            "data": _data_section(splits, settings, loaded, example),
-            "baseline": b,
-            "compressed": c,
-            "delta": {
-                "size_ratio": _ratio(b["size_bytes"], c["size_bytes"]),
-                "params_ratio": _ratio(b["params"], c["params"]),
-                "nonzero_params_ratio": _ratio(b["nonzero_params"], c["nonzero_params"]),
-                "macs_ratio": _ratio(b["macs"], c["macs"]),
-                "speedup_batch_1": _ratio(b["latency_ms"]["batch_1"]["p50"], c["latency_ms"]["batch_1"]["p50"]),
-                "speedup_batch_n": _ratio(b["latency_ms"]["batch_n"]["p50"], c["latency_ms"]["batch_n"]["p50"]),
-                "accuracy_drop": drop,
-            },
-            "budget": {
-                "max_drop": budget.max_drop,
-                "drop_type": budget.drop_type,
-                "metric": primary,
-                "worst_case_drop": worst,
-                "met": bool(worst <= budget.max_drop),
-            },
-            "cost": cost_report(b, c, settings.cost),
-            "recipe": recipe.to_dict(),
-            "steps": step_reports,
-            "export": {
+        report = build_report(
+            loaded=loaded, task=task_obj, primary=primary, settings=settings, splits=splits, example=example,
+            base=base_a, comp=comp_a, drop=drop, budget=budget, recipe=recipe, steps=step_reports,
+            export={
                 "tolerance": settings.export_tolerance,
                 "baseline_max_abs_diff": baseline_art.export_max_abs_diff,
                 "compressed_max_abs_diff": compressed_art.export_max_abs_diff,
                 "baseline_encoding": baseline_art.encoding,
                 "compressed_encoding": compressed_art.encoding,
             },
-            "notes": _notes(b, c, step_reports),
-            "environment": environment(threads=settings.threads, seed=settings.seed),
-        }
+            environment=environment(threads=settings.threads, seed=settings.seed),
+        )
         files: dict[str, Path] = {}
         if out is not None:
             files = _write_outputs(Path(out), compressed_art, recipe, report, loaded, state, workdir, progress)
@@ -516,22 +460,12 @@ def bench(
             export_tolerance=settings.export_tolerance,
         )
         (assessment,) = _measure([art], splits, task_obj, settings, workdir, progress)
-    measurement = assessment.measurement
-    measurement["export_max_abs_diff"] = art.export_max_abs_diff
-    return {
-        "schema": BENCH_SCHEMA,
-        "model": {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind},
-        "task": {"name": task_obj.name},
-        "runtime": {"name": settings.runtime, "threads": settings.threads, "batch_n": settings.batch_n},
-        "data": _data_section(splits, settings, loaded, example),
-        "measurement": measurement,
-        "cost": {
-            "currency": "USD",
-            "assumptions": settings.cost.model_dump(),
-            **model_cost(measurement["throughput_per_s"]["batch_n"], measurement["size_bytes"], settings.cost),
-        },
-        "environment": environment(threads=settings.threads, seed=settings.seed),
-    }
+    from shrinkml.report.build import build_bench_report
+
+    return build_bench_report(
+        loaded=loaded, task=task_obj, settings=settings, splits=splits, example=example, assessment=assessment,
+        export_max_abs_diff=art.export_max_abs_diff, environment=environment(threads=settings.threads, seed=settings.seed),
+    )
 
 
 def explain(

@@ -8,25 +8,38 @@ interleaved, so drift cancels in the ratios.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from shrinkml.data import ArrayData
-from shrinkml.measure.latency import time_interleaved
-from shrinkml.measure.stats import bootstrap_mean_ci, bootstrap_statistic_ci, paired_bootstrap_diff_ci
+from shrinkml.measure.latency import StableTiming, time_until_stable
+from shrinkml.measure.stats import (
+    bootstrap_mean_ci,
+    bootstrap_median_ci,
+    bootstrap_statistic_ci,
+    paired_bootstrap_diff_ci,
+)
 from shrinkml.progress import Progress
 from shrinkml.tasks import Task
 
 
 @dataclass
 class Assessment:
-    """One artifact's measurement (the report's dict) plus the per-example scores behind it."""
+    """One artifact's measurement (the report's dict) plus what is behind it: per-example scores,
+    outputs, and per batch key (``"batch_1"``, ``"batch_n"``) the interleaved timing this artifact
+    was part of, whose per-round samples give the speedups their intervals."""
 
     measurement: dict[str, Any]
     scores: dict[str, np.ndarray]
     outputs: np.ndarray
+    label: str = ""
+    timings: dict[str, StableTiming] = field(default_factory=dict)
+
+    def latency_samples_ms(self, key: str) -> np.ndarray:
+        """This artifact's per-round samples at ``key``, in round order."""
+        return np.asarray(self.timings[key].stats[self.label].samples_ms)
 
 
 def _runner(artifact, threads: int):
@@ -76,19 +89,34 @@ def assess(
     measure_memory: bool,
     workdir,
     progress: Progress,
+    rel_tolerance: float = 0.05,
+    max_time_s: float = 20.0,
 ) -> list[Assessment]:
-    """Measure ``artifacts`` (the first is the reference for agreement and fidelity)."""
+    """Measure ``artifacts`` (the first is the reference for agreement, fidelity and speedups).
+
+    Latency: after ``warmup`` calls and ``repeats`` interleaved rounds, rounds are added until every
+    speedup over the first artifact has a 95% interval within ±``rel_tolerance`` (for one artifact
+    alone: its p50), or the rounds have taken ``max_time_s`` seconds, per batch size.
+    """
     runners = [_runner(a, threads) for a in artifacts]
     progress.log(f"evaluating on {len(test)} held-out test examples")
     outputs = [_predict(r, test) for r in runners]
     reference = outputs[0]
 
-    timings = {}
+    timings: dict[str, StableTiming] = {}
     for key, n in (("batch_1", 1), ("batch_n", batch_n)):
-        progress.log(f"timing at batch {n} ({repeats} interleaved runs after {warmup} warm-up runs)")
+        progress.log(f"timing at batch {n} (at least {repeats} interleaved rounds after {warmup} warm-up runs,"
+                     f" up to {max_time_s:g} s until the 95% CI is within ±{100 * rel_tolerance:g}%)")
         xb = _batch(test.x, n)
         fns = {a.label: (lambda r=r, xb=xb: r.run(xb)) for a, r in zip(artifacts, runners)}
-        timings[key] = time_interleaved(fns, warmup=warmup, repeats=repeats)
+        timings[key] = time_until_stable(fns, reference=artifacts[0].label, warmup=warmup, repeats=repeats,
+                                         rel_tolerance=rel_tolerance, max_time_s=max_time_s, seed=seed)
+        for reason in timings[key].unstable_reasons:
+            progress.log(f"timing at batch {n} is unstable: {reason}")
+
+    def latency(stats) -> dict[str, Any]:
+        _, lo, hi = bootstrap_median_ci(np.asarray(stats.samples_ms), n_resamples=bootstrap_resamples, seed=seed)
+        return {**stats.to_dict(), "p50_ci95": [lo, hi]}
 
     results = []
     for a, out in zip(artifacts, outputs):
@@ -102,21 +130,20 @@ def assess(
                 scores[source], statistic, n_resamples=bootstrap_resamples, seed=seed
             )
             metrics[name] = {"value": value, "ci95": [lo, hi]}
-        lat1, latn = timings["batch_1"][a.label], timings["batch_n"][a.label]
+        lat1, latn = timings["batch_1"].stats[a.label], timings["batch_n"].stats[a.label]
         peak = None
         if measure_memory:
             progress.log(f"peak memory of {a.label} in a fresh process")
             peak = _peak_memory(a, _batch(test.x, batch_n), threads, workdir)
         measurement = {
-            "artifact": a.path.name,
             "runtime": a.runtime,
             "size_bytes": a.size_bytes,
             "params": a.params,
             "nonzero_params": a.nonzero_params,
             "macs": a.macs,
             "latency_ms": {
-                "batch_1": lat1.to_dict(),
-                "batch_n": {"n": batch_n, **latn.to_dict()},
+                "batch_1": latency(lat1),
+                "batch_n": {"n": batch_n, **latency(latn)},
             },
             "throughput_per_s": {
                 "batch_1": 1000.0 / lat1.p50_ms,
@@ -126,13 +153,25 @@ def assess(
             "metrics": metrics,
         }
         if a is not artifacts[0]:
-            from shrinkml.tasks import fidelity_scores
-
-            fid = fidelity_scores(out, reference)
-            agreement = fid.get("top1_agreement", fid["cosine_similarity"])
-            measurement["agreement_with_baseline"] = float(np.mean(agreement))
-        results.append(Assessment(measurement, scores, out))
+            measurement["agreement_with_baseline"] = agreement_with_baseline(
+                task, out, reference, seed=seed, resamples=bootstrap_resamples
+            )
+        results.append(Assessment(measurement, scores, out, label=a.label, timings=timings))
     return results
+
+
+def agreement_with_baseline(task: Task, outputs: np.ndarray, reference: np.ndarray, *, seed: int, resamples: int) -> dict[str, Any]:
+    """How closely ``outputs`` follow the baseline's ``reference`` outputs, named by what it measures:
+    ``top1_agreement`` (share of examples whose top-1 class is the baseline's) for class scores,
+    ``cosine_similarity`` (mean per-example cosine to the baseline's output) for embeddings and any
+    other output, where an arg-max over embedding dimensions would mean nothing.
+    """
+    from shrinkml.tasks import fidelity_scores
+
+    fid = fidelity_scores(outputs, reference)
+    metric = "top1_agreement" if task.name != "embedding" and "top1_agreement" in fid else "cosine_similarity"
+    value, lo, hi = bootstrap_mean_ci(fid[metric], n_resamples=resamples, seed=seed)
+    return {"metric": metric, "value": value, "ci95": [lo, hi]}
 
 
 def metric_drop(

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import html
 
-from shrinkml.report.markdown import Block, Bullets, Code, Document, Paragraph, Subheading, Table, report_document
+from shrinkml.report.markdown import (
+    Alert,
+    Block,
+    Bullets,
+    Code,
+    Document,
+    Paragraph,
+    Subheading,
+    Table,
+    report_document,
+)
 
 _CSS = """
 :root { color-scheme: light; }
@@ -25,6 +35,7 @@ h3 { font-size: 1.05em; margin: 1.2em 0 0.4em; }
 .verdict.not-met { background: #fdecea; border-color: #c62828; color: #7f1d1d; }
 .verdict.unknown { background: #f1f1f1; border-color: #888; }
 .headline { font-size: 1.05em; }
+.alert { background: #fff7e0; border-left: 4px solid #b7791f; padding: 8px 12px; }
 table { border-collapse: collapse; margin: 0.6em 0; min-width: 60%; }
 th, td { padding: 5px 12px; border-bottom: 1px solid #e3e5e8; text-align: left; vertical-align: top; }
 th { background: #f3f4f6; font-weight: 600; }
@@ -54,6 +65,8 @@ def _block(block: Block) -> str:
         return f"<p>{_e(block.text)}</p>"
     if isinstance(block, Subheading):
         return f"<h3>{_e(block.text)}</h3>"
+    if isinstance(block, Alert):
+        return f'<p class="alert" role="note"><strong>Warning:</strong> {_e(block.text)}</p>'
     if isinstance(block, Bullets):
         return "<ul>" + "".join(f"<li>{_e(item)}</li>" for item in block.items) + "</ul>"
     if isinstance(block, Code):

@@ -16,10 +16,16 @@ from typing import Any, Callable
 
 from shrinkml.atomic import write_text
 
-REPORT_SCHEMA = "shrinkml.report/1"
+# /2: delta.speedup_* became {"value", "ci95", "verdict", "rounds"} (a float in /1),
+# compressed.agreement_with_baseline became {"metric", "value", "ci95"}, and "timing" was added.
+REPORT_SCHEMA = "shrinkml.report/2"
 
 _SIDES = ("baseline", "compressed")
 _DROP_TYPES = ("absolute", "relative")
+_BATCH_KEYS = ("batch_1", "batch_n")
+# The same words as shrinkml.measure.stats.SPEEDUP_VERDICTS, kept here so validating imports no numpy.
+_SPEEDUP_VERDICTS = ("faster", "slower", "no measurable difference")
+_AGREEMENT_METRICS = ("top1_agreement", "cosine_similarity")
 
 
 class _Kind:
@@ -157,11 +163,28 @@ def validate_report(report: dict) -> None:
         if metrics is not None and primary is not None and primary not in metrics:
             c.fail(f"{side}.metrics.{primary}",
                     f"missing: task.primary_metric names it; found metrics {sorted(metrics)}")
-    c.check("compressed.agreement_with_baseline", _optional(_FLOAT))
+        side_entry = report.get(side)
+        if isinstance(side_entry, dict) and side_entry.get("artifact") is not None:
+            # {"file": its name in --out, or None for the user's input model, "description": ...}
+            c.check(f"{side}.artifact", _DICT)
+            c.check(f"{side}.artifact.file", _optional(_STR))
+            c.check(f"{side}.artifact.description", _STR)
+    agreement = c.check("compressed.agreement_with_baseline", _optional(_DICT))
+    if agreement is not None:
+        metric = c.check("compressed.agreement_with_baseline.metric", _STR)
+        if metric is not None and metric not in _AGREEMENT_METRICS:
+            c.fail("compressed.agreement_with_baseline.metric",
+                   f"expected one of {list(_AGREEMENT_METRICS)}, got {metric!r}")
+        c.check("compressed.agreement_with_baseline.value", _optional(_FLOAT))
+        c.check_ci("compressed.agreement_with_baseline.ci95")
 
     c.check("delta.size_ratio", _FLOAT)
-    c.check("delta.speedup_batch_1", _FLOAT)
-    c.check("delta.speedup_batch_n", _FLOAT)
+    for key in _BATCH_KEYS:
+        c.check(f"delta.speedup_{key}.value", _FLOAT)
+        c.check_ci(f"delta.speedup_{key}.ci95")
+        verdict = c.check(f"delta.speedup_{key}.verdict", _STR)
+        if verdict is not None and verdict not in _SPEEDUP_VERDICTS:
+            c.fail(f"delta.speedup_{key}.verdict", f"expected one of {list(_SPEEDUP_VERDICTS)}, got {verdict!r}")
     c.check("delta.accuracy_drop.value", _optional(_FLOAT))
     c.check_ci("delta.accuracy_drop.ci95")
 
@@ -182,6 +205,13 @@ def validate_report(report: dict) -> None:
     for optional_list in ("steps", "notes"):
         if optional_list in report:
             c.check(optional_list, _LIST)
+
+    c.check("timing.unstable", _BOOL)
+    for key in _BATCH_KEYS:
+        c.check(f"timing.{key}.rounds", _INT)
+        c.check(f"timing.{key}.cap_hit", _BOOL)
+        c.check(f"timing.{key}.unstable", _BOOL)
+        c.check(f"timing.{key}.unstable_reasons", _LIST)
 
     c.check("environment.python", _STR)
     for key in ("torch", "onnxruntime", "cpu"):
@@ -224,7 +254,7 @@ def dumps_report(report: dict) -> str:
     """Serialise the report as indented JSON in insertion order, with ``NaN``/``inf`` as ``null``.
 
     >>> json.loads(dumps_report(report))["schema"]  # doctest: +SKIP
-    'shrinkml.report/1'
+    'shrinkml.report/2'
     """
     return json.dumps(to_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 

@@ -15,21 +15,24 @@ from typing import Any, Union
 
 from shrinkml.report.table import (
     NA,
+    agreement_label,
     batch_n,
     comparison_rows,
     finite_number,
     fmt_budget_amount,
     fmt_drop,
     fmt_int,
-    fmt_metric_value,
+    fmt_metric,
     fmt_money,
     fmt_ratio,
     fmt_sig,
+    fmt_speedup,
     get,
     human_bytes,
-    is_fraction_metric,
+    metric_meaning,
     primary_is_fraction,
     primary_metric,
+    timing_warnings,
 )
 
 
@@ -64,7 +67,14 @@ class Subheading:
     text: str
 
 
-Block = Union[Paragraph, Bullets, Table, Code, Subheading]
+@dataclass(frozen=True)
+class Alert:
+    """A caveat the reader must not miss (e.g. unstable timing), shown apart from the text."""
+
+    text: str
+
+
+Block = Union[Paragraph, Bullets, Table, Code, Subheading, Alert]
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,7 @@ def _headline(report: dict) -> str:
     delta = get(report, "delta") or {}
     n = batch_n(report)
     parts = [fmt_ratio(delta.get("size_ratio"), "smaller", "larger")[0] + " on disk",
-             fmt_ratio(delta.get("speedup_batch_n"), "faster", "slower")[0] + f" at batch {n} (p50)"]
+             fmt_speedup(delta.get("speedup_batch_n"))[0] + f" at batch {n}"]
     metric = primary_metric(report) or "metric"
     drop = get(delta, "accuracy_drop")
     parts.append(f"{metric} drop {fmt_drop(get(drop, 'value'), get(drop, 'ci95'), primary_is_fraction(report))}")
@@ -145,13 +155,35 @@ def _comparison_section(report: dict) -> Section:
     table = Table(("", "Baseline", "Compressed", "Change"),
                   tuple((r.label, r.baseline, r.compressed, r.change) for r in rows),
                   tuple(r.judgement for r in rows))
-    runs = get(report, "baseline", "latency_ms", "batch_1", "runs")
     runtime = get(report, "runtime") or {}
-    how = (f"Latency is p50 / p95 in milliseconds over {runs if runs is not None else 'the'} timed runs"
+    rounds = [get(report, "baseline", "latency_ms", key, "runs") for key in ("batch_1", "batch_n")]
+    counts = ("the" if None in rounds else str(rounds[0]) if rounds[0] == rounds[1]
+              else f"{rounds[0]} (batch 1) and {rounds[1]} (batch {batch_n(report)})")
+    how = (f"Latency is p50 / p95 in milliseconds over {counts} interleaved rounds"
            f" on {runtime.get('name') or 'the runtime'}"
            + (f" with {runtime['threads']} thread(s)" if runtime.get("threads") is not None else "")
-           + ". Metrics show the 95% bootstrap confidence interval on the test split.")
-    return Section("comparison", "Before and after", (table, Paragraph(how)))
+           + ". A speedup is the median over rounds of baseline time / compressed time in the same round,"
+             " with a 95% confidence interval over rounds; it is called faster or slower only when that"
+             " interval excludes 1.0, otherwise \"no measurable difference\". Throughput follows the same"
+             " rounds. A peak-memory change under 5% or 4 MiB is within measurement noise. Metrics show the"
+             " 95% bootstrap confidence interval on the test split.")
+    blocks: list[Block] = [table, Paragraph(how)]
+    blocks += [Alert(w) for w in timing_warnings(report)]
+    return Section("comparison", "Before and after", tuple(blocks))
+
+
+def _metrics_section(report: dict) -> Section | None:
+    """What each metric in the table measures, so the numbers read without the source."""
+    task = get(report, "task", "name")
+    names = list(get(report, "baseline", "metrics") or {})
+    names += [n for n in (get(report, "compressed", "metrics") or {}) if n not in names]
+    items = [f"{name}: {meaning}" for name in names if (meaning := metric_meaning(name, task))]
+    agreement = get(report, "compressed", "agreement_with_baseline")
+    if isinstance(agreement, dict) and (meaning := metric_meaning(agreement.get("metric"), task)):
+        items.append(f"{agreement_label(agreement, task)} ({agreement.get('metric')}): {meaning}")
+    if not items:
+        return None
+    return Section("metrics", "What the metrics measure", (Bullets(tuple(items)),))
 
 
 def _delta_section(report: dict) -> Section:
@@ -171,17 +203,16 @@ def _delta_section(report: dict) -> Section:
                      f"{fmt_int(comp.get('nonzero_params'))}")
     macs = change("macs_ratio", "macs", "fewer", "more")
     items.append(f"MACs per example: {macs if macs != NA else 'n/a (not measured)'}")
-    items.append("Latency p50: "
-                 f"{fmt_ratio(delta.get('speedup_batch_1'), 'faster', 'slower')[0]} at batch 1; "
-                 f"{fmt_ratio(delta.get('speedup_batch_n'), 'faster', 'slower')[0]} at batch {n}")
+    items.append(f"Speed at batch 1: {fmt_speedup(delta.get('speedup_batch_1'))[0]}")
+    items.append(f"Speed at batch {n}: {fmt_speedup(delta.get('speedup_batch_n'))[0]}")
     drop = delta.get("accuracy_drop")
     items.append(f"{primary_metric(report) or 'Primary metric'} drop: "
                  f"{fmt_drop(get(drop, 'value'), get(drop, 'ci95'), fraction)}; "
                  "positive means the compressed model scores lower")
     agreement = comp.get("agreement_with_baseline")
     if "agreement_with_baseline" in comp:
-        shown = fmt_metric_value(agreement, True) if is_fraction_metric(agreement) else _plain(agreement)
-        items.append(f"Agreement with the baseline's predictions: {shown}")
+        shown = fmt_metric(agreement) if isinstance(agreement, dict) else NA
+        items.append(f"{agreement_label(agreement, get(report, 'task', 'name'))}: {shown}")
     return Section("delta", "What changed", (Bullets(tuple(items)),))
 
 
@@ -291,10 +322,34 @@ def _setup_section(report: dict) -> Section:
              f"batch N = {_plain(runtime.get('batch_n', batch_n(report)))}",
              f"Data: {_plain(data.get('source'))}, seed {_plain(data.get('seed'))}; "
              f"examples per split: {split_text}")
+    items += _timing_items(report)
     environment = get(report, "environment") or {}
     env_table = Table(("Component", "Value"), tuple((str(k), _plain(v)) for k, v in environment.items()),
                       numeric=False)
     return Section("setup", "Setup and environment", (Bullets(items), env_table))
+
+
+def _load(value: Any) -> str:
+    return "n/a" if not isinstance(value, (list, tuple)) else " / ".join(fmt_sig(v, 3) for v in value)
+
+
+def _timing_items(report: dict) -> tuple[str, ...]:
+    """Per batch size: rounds, time, whether the cap stopped them, load before/after, the verdict."""
+    items = []
+    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {batch_n(report)}")):
+        t = get(report, "timing", key)
+        if not isinstance(t, dict):
+            continue
+        tol, cap = finite_number(t.get("rel_tolerance")), finite_number(t.get("max_time_s"))
+        stop = ("stopped by the time cap before the CI narrowed" if t.get("cap_hit")
+                else "CI within the tolerance")
+        items.append(
+            f"Timing at {label}: {_plain(t.get('rounds'))} rounds in {fmt_sig(t.get('timed_s'))} s"
+            f" (target ±{fmt_sig(100 * tol) if tol is not None else NA}% CI, cap {fmt_sig(cap)} s: {stop});"
+            f" load average (1 / 5 / 15 min) {_load(t.get('load_average_before'))} before,"
+            f" {_load(t.get('load_average_after'))} after, on {_plain(t.get('cpu_count'))} CPUs;"
+            f" {'UNSTABLE' if t.get('unstable') else 'stable'}")
+    return tuple(items)
 
 
 def _recipe_section(report: dict) -> Section:
@@ -307,11 +362,14 @@ def _recipe_section(report: dict) -> Section:
 def report_document(report: dict) -> Document:
     """The report's content in format-neutral blocks, shared by the Markdown and HTML renderers."""
     task = get(report, "task", "name")
-    sections = [_comparison_section(report), _delta_section(report), _notes_section(report),
+    sections = [_comparison_section(report), _metrics_section(report), _delta_section(report), _notes_section(report),
                 _cost_section(report), _steps_section(report), _export_section(report),
                 _setup_section(report), _recipe_section(report)]
     byline = f"Created {_plain(get(report, 'created'))} · schema {_plain(get(report, 'schema'))}"
-    return Document(title=f"shrinkml report: {_plain(task)}" if task else "shrinkml report",
+    title = f"shrinkml report: {_plain(task)}" if task else "shrinkml report"
+    if get(report, "model", "random_weights"):  # said first: every figure below is of an untrained model
+        title = f"RANDOM WEIGHTS (architecture benchmark, not a trained model): {title}"
+    return Document(title=title,
                     byline=byline, verdict=verdict(report), headline=_headline(report),
                     sections=tuple(s for s in sections if s is not None))
 
@@ -332,6 +390,8 @@ def _md_block(block: Block) -> str:
         return md_escape(block.text)
     if isinstance(block, Subheading):
         return f"### {md_escape(block.text)}"
+    if isinstance(block, Alert):
+        return f"> **Warning:** {md_escape(block.text)}"
     if isinstance(block, Bullets):
         return "\n".join(f"- {md_escape(item)}" for item in block.items)
     if isinstance(block, Table):

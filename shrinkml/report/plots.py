@@ -10,7 +10,13 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from shrinkml.report.table import batch_n, finite_number, get, primary_metric
+from shrinkml.report.table import (
+    METRIC_AXIS_LABELS,
+    batch_n,
+    finite_number,
+    get,
+    primary_metric,
+)
 
 # Fixed colours per role, so the two plots read the same way side by side.
 _STYLES = {
@@ -49,9 +55,10 @@ def _points(report: dict) -> list[_Point]:
     return points
 
 
-def _svg(points: list[_Point], x_field: str, *, key: str, xlabel: str, ylabel: str, title: str) -> str:
-    import matplotlib
+def _figure(points: list[_Point], x_field: str, *, xlabel: str, ylabel: str, title: str):
+    """The trade-off plot as a matplotlib ``Figure`` (no pyplot state)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -86,11 +93,23 @@ def _svg(points: list[_Point], x_field: str, *, key: str, xlabel: str, ylabel: s
     ax.margins(x=0.2, y=0.25)
     # The x axis starts at zero so horizontal distances read as the ratios the report states.
     ax.set_xlim(left=0)
+    # Plain tick values: an offset axis ("+1" with ticks of -0.0005) makes a reader do arithmetic
+    # to read a cosine of 0.9995, and scientific notation hides the same numbers.
+    for axis in (ax.xaxis, ax.yaxis):
+        formatter = ScalarFormatter(useOffset=False)
+        formatter.set_scientific(False)
+        axis.set_major_formatter(formatter)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
+    return fig
 
+
+def _svg(points: list[_Point], x_field: str, *, key: str, xlabel: str, ylabel: str, title: str) -> str:
+    import matplotlib
+
+    fig = _figure(points, x_field, xlabel=xlabel, ylabel=ylabel, title=title)
     buffer = io.BytesIO()
     # A fixed hash salt per plot makes the SVG ids deterministic (same report, same bytes) and
     # different between the two plots, which share one HTML page. Text is drawn as paths, so a
@@ -98,6 +117,15 @@ def _svg(points: list[_Point], x_field: str, *, key: str, xlabel: str, ylabel: s
     with matplotlib.rc_context({"svg.hashsalt": f"shrinkml-{key}", "svg.fonttype": "path"}):
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     return buffer.getvalue().decode("utf-8")
+
+
+def _metric_axis_label(name: str, task: Any) -> str:
+    """``Mean cosine similarity to the baseline`` above ``(cosine_similarity; bars: 95% CI)``: what
+    the number is, then the key it has in the report."""
+    label = METRIC_AXIS_LABELS.get(name)
+    if label and name == "cosine_similarity" and task == "embedding":
+        label += "'s embedding"
+    return f"{label}\n({name}; bars: 95% CI)" if label else f"{name} (bars: 95% CI)"
 
 
 def accuracy_tradeoff_figures(report: dict) -> dict[str, str]:
@@ -113,7 +141,7 @@ def accuracy_tradeoff_figures(report: dict) -> dict[str, str]:
     """
     primary = primary_metric(report) or "metric"
     points = _points(report)
-    ylabel = f"{primary} (bars: 95% CI)"
+    ylabel = _metric_axis_label(primary, get(report, "task", "name"))
     return {
         "metric_vs_size": _svg(points, "size_mb", key="size", xlabel="Size on disk (MB)",
                                ylabel=ylabel, title=f"{primary} vs size on disk"),

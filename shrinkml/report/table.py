@@ -1,8 +1,11 @@
 """The before/after comparison every report format shows, and the console table the CLI prints.
 
 ``comparison_rows`` computes the rows once, as text, so that the console, Markdown and HTML say
-exactly the same thing. The number formatting lives here with the rows it serves. Rich is imported
-only inside ``summary_table``, so renderers that never print pay nothing for it.
+exactly the same thing; ``bench_rows`` does the same for one model in the same units. The number
+formatting lives here with the rows it serves. Rich is imported only inside the console functions
+(``summary_table``, ``bench_table``, ``verdict_text``), so renderers that never print pay nothing
+for it. A speedup is judged better or worse only where its 95% CI excludes 1.0, a memory change
+only where it exceeds the measurement's noise.
 """
 
 from __future__ import annotations
@@ -178,6 +181,92 @@ def fmt_money(value: Any, currency: Any = "USD") -> str:
     return f"{sign}${text}" if currency in (None, "USD") else f"{sign}{text} {currency}"
 
 
+# A peak-RSS change smaller than both of these is within the run-to-run noise of the measurement
+# (allocator and runtime arenas move by a few MiB), so it is shown without a judgement.
+MEMORY_NOISE_FRACTION = 0.05
+MEMORY_NOISE_BYTES = 4 * 2**20
+
+# What each metric measures, in the words of a reader who has not seen the source. ``{output}`` is
+# "embedding" for embedding tasks and "output" otherwise.
+METRIC_MEANINGS = {
+    "accuracy": "share of test examples whose top-1 class is the true label",
+    "top1_agreement": "share of test examples whose top-1 class is the baseline model's top-1 class",
+    "cosine_similarity": "mean over test examples of the cosine similarity between the model's {output} and the"
+                         " baseline model's {output} of the same input (1 = same direction)",
+    "relative_error": "mean over test examples of |output - baseline output| / |baseline output| (0 = identical)",
+    "worst5_cosine": "mean cosine similarity to the baseline over the 5% of test examples where it is lowest",
+    "top10_agreement": "mean share of each test example's 10 nearest test neighbours (by cosine) that are the"
+                       " same as with the baseline model's embeddings (1 = same neighbours)",
+}
+# Short names for plot axes.
+METRIC_AXIS_LABELS = {
+    "accuracy": "Top-1 accuracy",
+    "top1_agreement": "Top-1 agreement with the baseline",
+    "cosine_similarity": "Mean cosine similarity to the baseline",
+    "relative_error": "Mean relative error vs the baseline",
+    "worst5_cosine": "Mean cosine of the worst 5%",
+    "top10_agreement": "Top-10 neighbour agreement",
+}
+
+
+def metric_meaning(name: Any, task: Any = None) -> str | None:
+    """What ``name`` measures, or None for a metric shrinkml does not define."""
+    text = METRIC_MEANINGS.get(str(name))
+    return None if text is None else text.format(output="embedding" if task == "embedding" else "output")
+
+
+def fmt_speedup(entry: Any) -> tuple[str, str | None]:
+    """A speedup with its interval and the judgement the interval allows:
+    ``("1.41x faster (95% CI 1.32–1.50x)", "better")``; ``("no measurable difference (1.02x, 95% CI
+    0.95–1.09x)", None)`` when the interval includes 1.0. Without an interval nothing is judged."""
+    value = finite_number(get(entry, "value") if isinstance(entry, dict) else entry)
+    if value is None or value <= 0:
+        return NA, None
+    low, high = (finite_number(get(entry, "ci95", i)) for i in (0, 1))
+    if low is None or high is None:
+        return f"{fmt_sig(value)}x (no confidence interval)", None
+    ci = f"95% CI {fmt_sig(low)}–{fmt_sig(high)}x"
+    if low > 1.0:
+        return f"{fmt_sig(value)}x faster ({ci})", "better"
+    if high < 1.0:
+        return f"{fmt_sig(value)}x (slower; {ci})", "worse"
+    return f"no measurable difference ({fmt_sig(value)}x, {ci})", None
+
+
+def speedup_judgement(entry: Any) -> str | None:
+    """"better"/"worse" only where the speedup's interval excludes 1.0."""
+    return fmt_speedup(entry)[1]
+
+
+def fmt_memory_change(old: Any, new: Any) -> tuple[str, str | None]:
+    """Peak memory old -> new: a ratio judged only when the change exceeds the measurement's noise."""
+    a, b = finite_number(old), finite_number(new)
+    if a is None or b is None or a <= 0 or b <= 0:
+        return NA, None
+    if abs(b - a) < max(MEMORY_NOISE_FRACTION * a, MEMORY_NOISE_BYTES):
+        return f"{100 * (b - a) / a:+.1f}% (within noise)", None
+    return fmt_ratio(a / b, "less", "more")
+
+
+def timing_warnings(report: Any) -> list[str]:
+    """One sentence per batch size whose timing was flagged unstable, naming the reasons."""
+    warnings = []
+    for key, label in _batch_labels(report):
+        reasons = get(report, "timing", key, "unstable_reasons")
+        if get(report, "timing", key, "unstable") and reasons:
+            warnings.append(f"Timing at {label} is unstable: {'; '.join(str(r) for r in reasons)}.")
+    return warnings
+
+
+def _batch_labels(report: Any) -> tuple[tuple[str, str], ...]:
+    n = batch_n(report)
+    return (("batch_1", "batch 1"), ("batch_n", f"batch {n if n is not None else 'N'}"))
+
+
+def _is_unstable(report: Any, key: str) -> bool:
+    return get(report, "timing", key, "unstable") is True
+
+
 def batch_n(report: Any) -> Any:
     """The batch size the batch-N figures were measured at."""
     for side in ("compressed", "baseline"):
@@ -230,7 +319,6 @@ def comparison_rows(report: dict) -> list[ComparisonRow]:
     with its 95% CI, and agreement with the baseline. Ratios come from ``report["delta"]`` where
     it has them, so the table and the delta section can never disagree."""
     base, comp, delta = get(report, "baseline") or {}, get(report, "compressed") or {}, get(report, "delta") or {}
-    n = batch_n(report)
     rows: list[ComparisonRow] = []
 
     def add(label: str, b: str, c: str, change: tuple[str, str | None]) -> None:
@@ -248,17 +336,19 @@ def comparison_rows(report: dict) -> list[ComparisonRow]:
         fmt_ratio(ratio(None, base.get("nonzero_params"), comp.get("nonzero_params")), "fewer", "more"))
     add("MACs per example", fmt_int(base.get("macs")), fmt_int(comp.get("macs")),
         fmt_ratio(ratio("macs_ratio", base.get("macs"), comp.get("macs")), "fewer", "more"))
-    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {n if n is not None else 'N'}")):
-        old = get(base, "latency_ms", key, "p50")
-        new = get(comp, "latency_ms", key, "p50")
-        add(f"Latency p50 / p95, {label}", _latency(base, key), _latency(comp, key),
-            fmt_ratio(ratio(f"speedup_{key}", old, new), "faster", "slower"))
-    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {n if n is not None else 'N'}")):
+    for key, label in _batch_labels(report):
+        flag = " (timing unstable)" if _is_unstable(report, key) else ""
+        add(f"Latency p50 / p95, {label}{flag}", _latency(base, key), _latency(comp, key),
+            fmt_speedup(delta.get(f"speedup_{key}")))
+    for key, label in _batch_labels(report):
         old, new = get(base, "throughput_per_s", key), get(comp, "throughput_per_s", key)
-        add(f"Throughput, {label}", _throughput(base, key), _throughput(comp, key),
-            fmt_ratio(_ratio(new, old), "higher", "lower"))
+        text, _ = fmt_ratio(_ratio(new, old), "higher", "lower")
+        judgement = speedup_judgement(delta.get(f"speedup_{key}"))
+        if judgement is None and text != NA:  # the same rounds as the latency: no claim without its CI
+            text = "no measurable difference"
+        add(f"Throughput, {label}", _throughput(base, key), _throughput(comp, key), (text, judgement))
     add("Peak memory", fmt_bytes(base.get("peak_memory_bytes")), fmt_bytes(comp.get("peak_memory_bytes")),
-        fmt_ratio(_ratio(base.get("peak_memory_bytes"), comp.get("peak_memory_bytes")), "less", "more"))
+        fmt_memory_change(base.get("peak_memory_bytes"), comp.get("peak_memory_bytes")))
 
     names = list(get(base, "metrics") or {})
     names += [name for name in (get(comp, "metrics") or {}) if name not in names]
@@ -271,11 +361,21 @@ def comparison_rows(report: dict) -> list[ComparisonRow]:
         label = f"{name} (primary)" if name == primary else name
         add(label, fmt_metric(b_entry, fraction), fmt_metric(c_entry, fraction),
             (fmt_difference(diff, fraction), None))
-    agreement = comp.get("agreement_with_baseline")
     if "agreement_with_baseline" in comp:
-        add("Agreement with baseline", "—", fmt_metric_value(agreement, True)
-            if is_fraction_metric(agreement) else fmt_sig(agreement, 4), ("—", None))
+        agreement = comp.get("agreement_with_baseline")
+        shown = fmt_metric(agreement) if isinstance(agreement, dict) else NA
+        add(agreement_label(agreement, get(report, "task", "name")), "—", shown, ("—", None))
     return rows
+
+
+def agreement_label(agreement: Any, task: Any = None) -> str:
+    """The agreement row's name, saying what it measures."""
+    metric = get(agreement, "metric")
+    if metric == "top1_agreement":
+        return "Top-1 agreement with the baseline's predictions"
+    if metric == "cosine_similarity":
+        return f"Mean cosine similarity to the baseline's {'embeddings' if task == 'embedding' else 'outputs'}"
+    return "Agreement with the baseline"
 
 
 def summary_table(report: dict) -> Table:
@@ -289,14 +389,91 @@ def summary_table(report: dict) -> Table:
 
     task, runtime = get(report, "task", "name"), get(report, "runtime", "name")
     title = "Baseline vs compressed" + "".join(f", {part}" for part in (task, runtime) if part)
-    table = Table(title=title, title_justify="left")
+    warnings = timing_warnings(report)
+    # Text(), not str, wherever report text is shown: it must not be read as Rich markup.
+    table = Table(title=title, title_justify="left", caption_justify="left",
+                  caption=Text("\n".join(warnings), style="yellow") if warnings else None)
     table.add_column("Metric")
     table.add_column("Baseline", justify="right")
     table.add_column("Compressed", justify="right")
     table.add_column("Change", justify="right")
     styles = {"better": "green", "worse": "red"}
     for row in comparison_rows(report):
-        # Text(), not str: metric names come from users and must not be read as Rich markup.
         table.add_row(Text(row.label), Text(row.baseline), Text(row.compressed),
                       Text(row.change, style=styles.get(row.judgement or "", "")))
+    return table
+
+
+def verdict_text(report: dict):
+    """The budget verdict line ``compress`` prints under the table, coloured by the verdict, in the
+    budget's own terms (points, metric units or % of the baseline).
+
+    >>> Console().print(verdict_text(report))  # doctest: +SKIP
+    Budget met: worst-case accuracy drop 0.60 points, allowed 1.00 points (absolute budget).
+    """
+    from rich.text import Text
+
+    from shrinkml.report.markdown import verdict
+
+    v = verdict(report)
+    return Text(f"{v.text} The worst case is the upper end of the drop's 95% CI.",
+                style={True: "green", False: "red"}.get(v.met, ""))
+
+
+def _latency_with_ci(measurement: Any, key: str) -> str:
+    text = _latency(measurement, key)
+    low, high = (finite_number(get(measurement, "latency_ms", key, "p50_ci95", i)) for i in (0, 1))
+    if text != NA and low is not None and high is not None:
+        text += f" (p50 95% CI {fmt_sig(low)}–{fmt_sig(high)} ms)"
+    return text
+
+
+def bench_rows(report: dict) -> list[tuple[str, str]]:
+    """The ``bench`` figures as (label, value) text, in the units and CI style of the compress
+    table: decimal bytes, significant figures, "value (95% CI low–high)", money to 3 significant
+    figures."""
+    m = get(report, "measurement") or {}
+    task = get(report, "task", "name")
+    params, nonzero = m.get("params"), m.get("nonzero_params")
+    rows = [("Size on disk", fmt_bytes(m.get("size_bytes"))),
+            ("Parameters", fmt_int(params) + ("" if nonzero in (None, params) else f" ({fmt_int(nonzero)} nonzero)")),
+            ("MACs per example", fmt_int(m.get("macs")))]
+    for key, label in _batch_labels(report):
+        flag = " (timing unstable)" if _is_unstable(report, key) else ""
+        rows.append((f"Latency p50 / p95, {label}{flag}", _latency_with_ci(m, key)))
+    for key, label in _batch_labels(report):
+        rows.append((f"Throughput, {label}", _throughput(m, key)))
+    rows.append(("Peak memory", fmt_bytes(m.get("peak_memory_bytes"))))
+    currency = get(report, "cost", "currency")
+    rows.append(("Cost per million inferences", fmt_money(get(report, "cost", "cost_per_million_inferences"), currency)))
+    rows.append(("Total cost per month", fmt_money(get(report, "cost", "total_per_month"), currency)))
+    for name, entry in (m.get("metrics") or {}).items():
+        meaning = metric_meaning(name, task)
+        rows.append((str(name) + (f" ({meaning})" if meaning else ""), fmt_metric(entry)))
+    diff = finite_number(m.get("export_max_abs_diff"))
+    if diff is not None:
+        rows.append(("Export max abs difference vs PyTorch", f"{diff:.2e}"))
+    return rows
+
+
+def bench_table(report: dict) -> Table:
+    """The console table of ``shrinkml bench``: one model's figures, timing warnings as caption.
+
+    >>> from rich.console import Console  # doctest: +SKIP
+    >>> Console().print(bench_table(shrinkml.bench("model.onnx", data="data.npz")))  # doctest: +SKIP
+    """
+    from rich.table import Table
+    from rich.text import Text
+
+    source, runtime = get(report, "model", "source"), get(report, "runtime", "name")
+    threads = get(report, "runtime", "threads")
+    title = f"{source or 'model'} on {runtime or 'the runtime'}" + (
+        f" ({threads} thread{'s' if threads != 1 else ''})" if threads else "")
+    warnings = timing_warnings(report)
+    table = Table(title=Text(title), title_justify="left", caption_justify="left",
+                  caption=Text("\n".join(warnings), style="yellow") if warnings else None)
+    table.add_column("Measure")
+    table.add_column("Value", justify="right")
+    for label, value in bench_rows(report):
+        table.add_row(Text(label), Text(value))
     return table

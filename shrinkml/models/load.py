@@ -1,9 +1,15 @@
-"""Model specs: ``package.module:factory`` (+ ``.safetensors`` weights), an ``.onnx`` file, or an
-``nn.Module`` object, or a Hugging Face / sentence-transformers model directory. Pickle-based files are refused: loading them would run arbitrary code."""
+"""Model specs: ``package.module:factory`` (+ ``.safetensors`` weights), an ``.onnx`` file, an
+``nn.Module`` object, or a Hugging Face / sentence-transformers model directory. Pickle-based files
+are refused: loading them would run arbitrary code.
+
+Weights are checked before they are loaded, since ``load_state_dict`` would silently cast or accept
+them: integer/bool tensors for float parameters, NaN/inf values and shapes the model cannot take
+are refused naming the tensor; float tensors of another precision are cast and noted."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +17,9 @@ from shrinkml.errors import InputError
 from shrinkml.imports import import_object
 
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+_LISTED = 3  # tensors named in one message
+# Errors that say nothing about the weights: let them through instead of blaming the file.
+_NOT_ABOUT_THE_WEIGHTS = (TimeoutError, MemoryError)
 
 
 @dataclass
@@ -23,6 +32,19 @@ class LoadedModel:
     onnx_model: Any = None  # onnx.ModelProto
     weights: str | None = None
     text: Any = None  # shrinkml.models.hf.TextModelInfo for Hugging Face model directories
+    random_weights: bool = False  # a factory model run as built (--random-weights): no trained weights
+    notes: list[str] = field(default_factory=list)  # decisions taken while loading, for the report
+    # tensors the weights resized from the factory's shapes (a model saved after prune.channels):
+    # name -> (shape as built, shape loaded)
+    resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+    def resized_summary(self) -> str | None:
+        """One phrase naming the tensors the weights resized, for errors that follow (None if none)."""
+        if not self.resized:
+            return None
+        shown = ", ".join(f"{name!r} {list(a)} -> {list(b)}" for name, (a, b) in list(self.resized.items())[:_LISTED])
+        more = f" and {len(self.resized) - _LISTED} more" if len(self.resized) > _LISTED else ""
+        return f"the weights {self.weights} resized {len(self.resized)} tensors of the factory's model ({shown}{more})"
 
 
 def _pickle_refusal(path: Path, where: str) -> InputError:
@@ -60,13 +82,162 @@ def _load_onnx(path: Path) -> LoadedModel:
     return LoadedModel("onnx", str(path), onnx_model=model)
 
 
-def _load_weights(module: Any, weights: str) -> None:
+def _listing(items: list[str]) -> str:
+    return ", ".join(items[:_LISTED]) + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_dtypes(state: dict, target: dict, path: Path) -> list[str]:
+    """Cast float tensors to the float dtype of the parameter they load into (returned as notes);
+    refuse a tensor of another kind (integer, bool, complex) where the model has a float one, and a
+    float where it has an integer one: ``load_state_dict`` would cast those silently."""
+    import torch
+
+    def kind(t: torch.Tensor) -> str:
+        return "float" if t.is_floating_point() else "complex" if t.is_complex() else "integer"
+
+    casts: Counter = Counter()
+    for name, tensor in state.items():
+        own = target.get(name)
+        if not isinstance(own, torch.Tensor) or not isinstance(tensor, torch.Tensor) or own.dtype == tensor.dtype:
+            continue
+        if kind(own) != kind(tensor):
+            raise InputError(
+                f"a weight tensor has the wrong dtype: {_dtype_name(tensor.dtype)} where the model has"
+                f" {_dtype_name(own.dtype)}; casting it would change its values",
+                where=f"{path}, tensor {name!r}",
+                expected=f"{kind(own)} values ({_dtype_name(own.dtype)}, as the model factory builds it)",
+                found=f"{_dtype_name(tensor.dtype)} (quantized or corrupted weights?)",
+                fix="save the float weights (model.state_dict() before quantizing) with"
+                " safetensors.torch.save_file, and pass that file as --weights",
+            )
+        if kind(own) == "float":
+            cast = tensor.to(own.dtype)
+            overflow = int((~torch.isfinite(cast) & torch.isfinite(tensor)).sum())
+            if overflow:
+                raise InputError(
+                    f"weight values are outside the range of {_dtype_name(own.dtype)}",
+                    where=f"{path}, tensor {name!r}",
+                    expected=f"values {_dtype_name(own.dtype)} can hold (the model's dtype)",
+                    found=f"{overflow} {_dtype_name(tensor.dtype)} values that become inf when cast",
+                    fix="check the checkpoint: weights this large come from a diverged or corrupted training run",
+                )
+            state[name] = cast
+        else:  # integer to integer (e.g. BatchNorm's num_batches_tracked): values are counts
+            state[name] = tensor.to(own.dtype)
+        casts[(_dtype_name(tensor.dtype), _dtype_name(own.dtype))] += 1
+    return [
+        f"weights: {n} tensor{'s' if n > 1 else ''} cast from {a} to {b} (the model's dtype) when loading {path.name}"
+        for (a, b), n in sorted(casts.items())
+    ]
+
+
+def _check_finite(state: dict, path: Path) -> None:
+    import torch
+
+    bad = []
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            if nan or inf:
+                bad.append(f"{name!r} ({nan} NaN, {inf} inf of {tensor.numel()})")
+    if bad:
+        raise InputError(
+            "the weights contain NaN or infinite values, so every output computed from them is meaningless",
+            where=f"{path}, {len(bad)} tensor{'s' if len(bad) > 1 else ''}",
+            expected="finite weights",
+            found=_listing(bad),
+            fix="save the weights from a checkpoint before training diverged (or check how the file was written)",
+        )
+
+
+def _check_shapes(state: dict, target: dict, path: Path) -> None:
+    """Shapes ``fit_module_to_state_dict`` left different (e.g. a layer reached under two names)."""
+    import torch
+
+    wrong = [
+        f"{name!r}: the model has {list(target[name].shape)}, the file {list(t.shape)}"
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor) and isinstance(target.get(name), torch.Tensor)
+        and tuple(t.shape) != tuple(target[name].shape)
+    ]
+    if wrong:
+        raise InputError(
+            "weight tensors have shapes the model's layers cannot take",
+            where=f"{path}, {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}",
+            expected="each tensor shaped like the factory model's tensor of the same name",
+            found=_listing(wrong),
+            fix="pass the factory that built the model these weights were saved from",
+        )
+
+
+def _check_resizes(resized: dict, path: Path) -> None:
+    """A model saved after channel pruning differs from the factory's only in channel / feature
+    counts (dims 0 and 1); ``fit_module_to_state_dict`` also takes a new kernel size, which would
+    silently run another architecture."""
+    wrong = [
+        f"{name!r}: the model has {list(built)}, the file {list(loaded)}"
+        for name, (built, loaded) in resized.items()
+        if len(built) != len(loaded) or built[2:] != loaded[2:]
+    ]
+    if wrong:
+        raise InputError(
+            "weight tensors differ from the factory's model in more than channel counts",
+            where=f"{path}, {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}",
+            expected="the factory's shapes, or fewer channels / features after pruning (kernel sizes unchanged)",
+            found=_listing(wrong),
+            fix="pass the factory that built the model these weights were saved from",
+        )
+
+
+def _versioned(state: dict, module: Any) -> OrderedDict:
+    """``state`` with the ``_metadata`` a ``module.state_dict()`` carries.
+
+    ``load_state_dict`` hands each submodule its ``local_metadata``; modules that changed their
+    layout (torchvision's MNASNet, BatchNorm) read the saved ``version`` from it, and MNASNet refuses
+    to load without one. safetensors files do not store it; they are written from the current
+    version of the modules, so the freshly built module's own versions are the right ones.
+    """
+    versioned = OrderedDict(state)
+    versioned._metadata = getattr(module.state_dict(), "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return versioned
+
+
+def _load_weights(module: Any, weights: str) -> tuple[list[str], dict]:
+    """Load ``weights`` into ``module`` in place; return the notes for the report and the tensors
+    resized from the factory's shapes (``name -> (built shape, loaded shape)``)."""
     from shrinkml.models.safetensors_io import fit_module_to_state_dict, load_state_dict
 
     path = Path(weights)
     state = load_state_dict(path)
+    built = {name: tuple(t.shape) for name, t in module.state_dict().items() if hasattr(t, "shape")}
     fit_module_to_state_dict(module, state)
-    result = module.load_state_dict(state, strict=False)
+    target = module.state_dict()
+    resized = {
+        name: (built[name], tuple(t.shape))
+        for name, t in target.items()
+        if name in built and hasattr(t, "shape") and tuple(t.shape) != built[name]
+    }
+    _check_shapes(state, target, path)
+    _check_resizes(resized, path)
+    _check_finite(state, path)
+    notes = _check_dtypes(state, target, path)
+    try:
+        result = module.load_state_dict(_versioned(state, module), strict=False)
+    except _NOT_ABOUT_THE_WEIGHTS:
+        raise
+    except Exception as exc:  # the modules' own _load_from_state_dict code can raise anything
+        raise InputError(
+            "the model could not load the weights",
+            where=str(path),
+            expected="weights the factory's model.load_state_dict accepts",
+            found=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
+            fix="pass the factory that built the model these weights were saved from"
+            " (model.load_state_dict on its own shows the full error)",
+        ) from exc
     problems = []
     if result.missing_keys:
         problems.append("missing " + ", ".join(result.missing_keys[:5]) + ("..." if len(result.missing_keys) > 5 else ""))
@@ -82,25 +253,48 @@ def _load_weights(module: Any, weights: str) -> None:
             found="; ".join(problems),
             fix="pass the factory that built the model these weights were saved from",
         )
+    return notes, resized
 
 
-def load_model(spec: Any, *, weights: str | Path | None = None) -> LoadedModel:
-    """Load a model spec; see the module docstring for the accepted forms."""
+def _only_for_factories(flag: str, fix: str) -> InputError:
+    return InputError(f"{flag} is only for factory models", where=flag, fix=fix)
+
+
+def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: bool = False) -> LoadedModel:
+    """Load a model spec; see the module docstring for the accepted forms.
+
+    A factory's model has random weights until ``weights`` are loaded into it, so a factory without
+    ``weights`` is refused unless ``random_weights=True`` (architecture benchmarking; recorded on
+    the result). An ``nn.Module`` object is the caller's own, trained or not, and is taken as is.
+
+    >>> loaded = load_model("mypkg.models:make_net", "net.safetensors")  # doctest: +SKIP
+    >>> loaded.notes  # doctest: +SKIP
+    ['weights: 4 tensors cast from float64 to float32 (the model's dtype) when loading net.safetensors']
+    """
     import torch
 
+    if random_weights and weights is not None:
+        raise InputError(
+            "--random-weights and --weights contradict each other",
+            where="--random-weights",
+            fix="drop --random-weights to use the trained weights, or drop --weights to benchmark the"
+            " architecture with random weights",
+        )
     if isinstance(spec, torch.nn.Module):
-        if weights is not None:
-            _load_weights(spec, str(weights))
-        return LoadedModel("torch", type(spec).__name__, module=spec.eval(), weights=None if weights is None else str(weights))
+        notes, resized = _load_weights(spec, str(weights)) if weights is not None else ([], {})
+        return LoadedModel(
+            "torch", type(spec).__name__, module=spec.eval(), weights=None if weights is None else str(weights),
+            random_weights=random_weights, notes=notes, resized=resized,
+        )
     text = str(spec)
     path = Path(text)
     if path.is_dir():
         from shrinkml.models.hf import is_hf_dir, load_hf_dir
 
-        if weights is not None:
-            raise InputError(
-                "--weights is only for factory models", where="--weights",
-                fix="a model directory holds its own weights: drop --weights",
+        if weights is not None or random_weights:
+            raise _only_for_factories(
+                "--weights" if weights is not None else "--random-weights",
+                "a model directory holds its own weights: drop --weights / --random-weights",
             )
         if not is_hf_dir(path):
             raise InputError(
@@ -111,9 +305,10 @@ def load_model(spec: Any, *, weights: str | Path | None = None) -> LoadedModel:
             )
         return load_hf_dir(path)
     if path.suffix.lower() == ".onnx":
-        if weights is not None:
-            raise InputError(
-                "--weights is only for factory models", where="--weights", fix="drop --weights for an .onnx model"
+        if weights is not None or random_weights:
+            raise _only_for_factories(
+                "--weights" if weights is not None else "--random-weights",
+                "an .onnx file holds its own weights: drop --weights / --random-weights",
             )
         return _load_onnx(path)
     if path.suffix.lower() in _PICKLE_SUFFIXES or path.suffix.lower() == ".safetensors":
@@ -131,6 +326,8 @@ def load_model(spec: Any, *, weights: str | Path | None = None) -> LoadedModel:
             expected="package.module:factory (with --weights file.safetensors) or a .onnx file",
             fix="pass one of those to --model",
         )
+    if weights is not None and Path(weights).suffix.lower() in _PICKLE_SUFFIXES:
+        raise _pickle_refusal(Path(weights), "--weights")
     factory = import_object(text, what="model factory")
     try:
         module = factory()
@@ -147,9 +344,18 @@ def load_model(spec: Any, *, weights: str | Path | None = None) -> LoadedModel:
             found=type(module).__name__,
             fix="return the model instance from the factory",
         )
-    if weights is not None:
-        wpath = Path(weights)
-        if wpath.suffix.lower() in _PICKLE_SUFFIXES:
-            raise _pickle_refusal(wpath, "--weights")
-        _load_weights(module, str(weights))
-    return LoadedModel("torch", text, module=module.eval(), weights=None if weights is None else str(weights))
+    if weights is None:
+        if not random_weights:
+            # After calling the factory, so a factory that cannot build a model says so first.
+            raise InputError(
+                "no weights were given for the factory model, so it would be measured and compressed"
+                " with the random weights it is built with",
+                where=f"{text} without --weights",
+                expected="--weights file.safetensors holding the trained weights",
+                fix="pass --weights file.safetensors (if the factory loads trained weights itself, save them"
+                " once with safetensors.torch.save_file(model.state_dict(), 'model.safetensors')), or"
+                " --random-weights to benchmark the architecture with random weights",
+            )
+        return LoadedModel("torch", text, module=module.eval(), random_weights=True)
+    notes, resized = _load_weights(module, str(weights))
+    return LoadedModel("torch", text, module=module.eval(), weights=str(weights), notes=notes, resized=resized)

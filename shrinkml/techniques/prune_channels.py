@@ -38,20 +38,46 @@ _LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
 class PruneChannelsConfig(StepConfig):
     """Hyperparameters of structured channel pruning."""
 
-    technique: Literal["prune.channels"] = "prune.channels"
-    channel_ratio: float = Field(0.5, ge=0, lt=1)
-    """Fraction of output channels (conv) or neurons (linear) removed from each prunable layer.
-    Named for what it counts: the parameter reduction is larger, and reported separately."""
-    importance: Literal["l1", "l2", "random"] = "l2"
-    """How channels are ranked: L1 or L2 norm of their weights (group-wise, across coupled layers);
-    ``random`` only as a baseline for experiments."""
-    global_pruning: bool = False
-    """Rank channels across all layers at once (layers end with different widths) instead of
-    removing ``channel_ratio`` from each layer."""
-    ignore: tuple[str, ...] = ()
-    """Module-name glob patterns (``fnmatch``) whose output channels are kept (their submodules too)."""
-    round_to: int | None = Field(None, ge=1)
-    """Keep each pruned layer's channel count a multiple of this (e.g. 8 for SIMD-friendly shapes)."""
+    technique: Literal["prune.channels"] = Field(
+        "prune.channels", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    channel_ratio: float = Field(
+        0.5, ge=0, lt=1,
+        description="fraction of output channels (conv) or neurons (linear) removed from each prunable"
+        " layer, 0-1; not the parameter fraction, which is larger and reported as param_reduction",
+    )
+    importance: Literal["l1", "l2", "random"] = Field(
+        "l2",
+        description="how channels are ranked for removal: L1 or L2 norm of their weights across coupled"
+        " layers; random only as a baseline",
+    )
+    global_pruning: bool = Field(
+        False,
+        description="rank channels across all layers at once (layers end with different widths) instead"
+        " of removing channel_ratio from each layer",
+    )
+    ignore: tuple[str, ...] = Field(
+        (),
+        description="module-name glob patterns (fnmatch) whose output channels are kept, submodules"
+        " included",
+    )
+    round_to: int | None = Field(
+        None, ge=1,
+        description="keep each pruned layer's channel count a multiple of this many channels (e.g. 8 for"
+        " SIMD-friendly shapes); none: any count",
+    )
+
+
+# What tracing and cutting raise for a model torch-pruning cannot handle (its own asserts and
+# NotImplementedError for unsupported layers, torch's RuntimeError/TypeError for ops, torch.fx's
+# TraceError, a ValueError). Anything else (KeyboardInterrupt, a harness timeout, MemoryError)
+# is not a property of the model and propagates as it is.
+_TRACE_ERRORS = (
+    RuntimeError, TypeError, ValueError, AttributeError, IndexError, KeyError, NotImplementedError,
+    AssertionError, ZeroDivisionError,
+)
+# A forward the user wrote may raise anything; these still say nothing about the model.
+_NOT_ABOUT_THE_MODEL = (TimeoutError, MemoryError)
 
 
 def _example_tensor(ctx: StepContext) -> torch.Tensor:
@@ -79,6 +105,8 @@ def _forward(model: nn.Module, example: torch.Tensor, *, where: str) -> Any:
     try:
         with torch.no_grad():
             return model(example)
+    except _NOT_ABOUT_THE_MODEL:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is reported as input
         failing = names.get(entered[-1], "?") if entered else "(before the first layer)"
         feeding = [names.get(m, "?") for m in entered[:-1] if isinstance(m, _LAYERS)]
@@ -183,7 +211,7 @@ def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> S
                     round_to=config.round_to,
                 )
                 pruner.step()
-            except Exception as exc:  # noqa: BLE001 - torch-pruning raises plain exceptions
+            except _TRACE_ERRORS as exc:
                 frame = traceback.extract_tb(exc.__traceback__)[-1]
                 raise InputError(
                     "torch-pruning could not trace or cut this model",

@@ -245,3 +245,54 @@ def test_torch_pruning_failure_is_an_input_error(monkeypatch):
     with pytest.raises(InputError, match="aten::weird") as info:
         pc.apply(ModelState("torch", mlp()), pc.PruneChannelsConfig(), make_ctx(CASES[0]))
     assert "ignore" in info.value.fix
+
+
+def test_every_config_field_is_described():
+    undescribed = [n for n, f in pc.PruneChannelsConfig.model_fields.items() if not f.description]
+    assert undescribed == []
+
+
+def _pruner_raising(monkeypatch, exc: BaseException) -> None:
+    import torch_pruning as tp
+
+    def pruner(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(tp.pruner, "MetaPruner", pruner)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [AssertionError("dependency graph inconsistent"), NotImplementedError("layer type Foo"),
+     ValueError("unsupported op"), KeyError("grad_fn"), IndexError("out of range")],
+    ids=lambda e: type(e).__name__,
+)
+def test_tracing_failures_are_input_errors(monkeypatch, exc):
+    _pruner_raising(monkeypatch, exc)
+    with pytest.raises(InputError, match=type(exc).__name__) as info:
+        pc.apply(ModelState("torch", mlp()), pc.PruneChannelsConfig(), make_ctx(CASES[0]))
+    assert info.value.__cause__ is exc
+
+
+@pytest.mark.parametrize(
+    "exc", [KeyboardInterrupt(), SystemExit(3), TimeoutError("harness timeout"), MemoryError()],
+    ids=lambda e: type(e).__name__,
+)
+def test_interruptions_are_not_blamed_on_the_model(monkeypatch, exc):
+    _pruner_raising(monkeypatch, exc)
+    with pytest.raises(type(exc)):
+        pc.apply(ModelState("torch", mlp()), pc.PruneChannelsConfig(), make_ctx(CASES[0]))
+
+
+class TimesOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        raise TimeoutError("harness timeout")
+
+
+def test_a_timeout_in_the_forward_is_not_an_input_error():
+    with pytest.raises(TimeoutError):
+        pc.apply(ModelState("torch", TimesOut()), pc.PruneChannelsConfig(), make_ctx(CASES[0]))

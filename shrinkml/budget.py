@@ -14,7 +14,7 @@ class Budget(BaseModel):
     baseline's value.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     max_drop: float = Field(0.01, ge=0)
     drop_type: Literal["absolute", "relative"] = "absolute"

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 finished but the accuracy budget was not met (report st
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from enum import Enum
@@ -27,6 +28,27 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+class _StoppedRun(Exception):
+    """Carries Ctrl-C / SIGTERM out of a command past Typer, which would turn it into a silent 130."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+def _command(fn):
+    """``app.command()`` for a verb whose interruption must be reported by ``main``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            raise _StoppedRun(exc) from None
+
+    return app.command()(wrapper)
+
+
 class RuntimeName(str, Enum):
     onnxruntime = "onnxruntime"
     torch = "torch"
@@ -43,8 +65,19 @@ class DropType(str, Enum):
     relative = "relative"
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"shrinkml {version('shrinkml')}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+def _main(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors (also accepted after the command)."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
     _state["debug"] = debug
 
 
@@ -60,9 +93,26 @@ def _settings(**kwargs):
     try:
         return RunSettings(cost=CostSettings(**cost), **kwargs)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        option = "--" + str(err["loc"][0]).replace("_", "-")
-        raise InputError(err["msg"], where=option, found=repr(err.get("input")), fix=f"pass a valid {option}") from None
+        raise _option_error(exc) from None
+
+
+def _option_error(exc) -> InputError:
+    """A pydantic error on settings built from options, named by the option the user typed."""
+    err = exc.errors()[0]
+    loc = [part for part in err["loc"] if part != "cost"]
+    option = "--" + str(loc[0] if loc else "value").replace("_", "-")
+    return InputError(err["msg"], where=option, found=repr(err.get("input"))[:80], fix=f"pass a valid {option}")
+
+
+def _budget(max_drop: float, drop_type: str):
+    from pydantic import ValidationError
+
+    from shrinkml.api import Budget
+
+    try:
+        return Budget(max_drop=max_drop, drop_type=drop_type)
+    except ValidationError as exc:
+        raise _option_error(exc) from None
 
 
 def _progress():
@@ -79,16 +129,14 @@ def _print_result(report: dict, json_out: bool) -> None:
         return
     from rich.console import Console
 
-    from shrinkml.report.table import summary_table
+    from shrinkml.report.table import summary_table, verdict_text
 
     console = Console()
+    if report["model"].get("random_weights"):
+        console.print("[bold yellow]RANDOM WEIGHTS:[/bold yellow] the model ran untrained (--random-weights);"
+                      " the figures describe the architecture, not a trained model.")
     console.print(summary_table(report))
-    budget = report["budget"]
-    verdict = "[green]met[/green]" if budget["met"] else "[red]NOT met[/red]"
-    console.print(
-        f"Budget {verdict}: worst-case {budget['metric']} drop {budget['worst_case_drop'] * 100:.2f} points"
-        f" (95% CI upper end) vs max {budget['max_drop'] * 100:.2f} ({budget['drop_type']})."
-    )
+    console.print(verdict_text(report))
 
 
 def _finish(result, out: Path, json_out: bool) -> None:
@@ -104,15 +152,25 @@ COMMON = {
     "threads": typer.Option(None, help="Threads for inference and training (default: min(cores, 4))."),
     "batch_n": typer.Option(None, "--batch-n", help="The larger batch size timed besides batch 1 (default 32)."),
     "repeats": typer.Option(None, help="Timed runs per model and batch size (>= 10, default 20)."),
+    "max_timing_s": typer.Option(
+        None, "--max-timing-s",
+        help="Seconds per batch size for extra timed rounds while a speedup's 95% CI is wider than"
+        " +-5% (default 20; 0: exactly --repeats rounds).",
+    ),
     "seed": typer.Option(None, help="Seed for splits, bootstrap and training (default 0)."),
     "json_out": typer.Option(False, "--json", help="Print the report JSON on stdout."),
+    "random_weights": typer.Option(
+        False, "--random-weights",
+        help="Run a factory model given without --weights as built, with random weights (architecture"
+        " benchmarking only: the report says so first).",
+    ),
     "max_length": typer.Option(
         None, "--max-length", help="Text models: tokens per text, padded/truncated (default min(model max, 128))."
     ),
 }
 
 
-@app.command()
+@_command
 def compress(
     model: str = typer.Option(..., help="package.module:factory (with --weights), a .onnx file, or a transformers / sentence-transformers directory."),
     data: str = typer.Option(..., help=".npz with x and y, package.module:function, builtin:digits; for text models .txt, .jsonl or builtin:texts."),
@@ -126,35 +184,35 @@ def compress(
     threads: Optional[int] = COMMON["threads"],
     batch_n: Optional[int] = COMMON["batch_n"],
     repeats: Optional[int] = COMMON["repeats"],
+    max_timing_s: Optional[float] = COMMON["max_timing_s"],
     seed: Optional[int] = COMMON["seed"],
     price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="Instance price, USD/hour."),
     requests_per_month: Optional[float] = typer.Option(None, "--requests-per-month"),
     storage_price_per_gb_month: Optional[float] = typer.Option(None, "--storage-price-per-gb-month"),
     export_tolerance: Optional[float] = typer.Option(None, "--export-tolerance", help="Max abs diff ONNX vs PyTorch."),
     max_length: Optional[int] = COMMON["max_length"],
+    random_weights: bool = COMMON["random_weights"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
     """Measure a model, compress it with a recipe, measure again, and write the report."""
-    from shrinkml.api import Budget
     from shrinkml.api import compress as run_compress
 
-    if max_drop < 0:
-        raise InputError("must be >= 0", where="--max-drop", found=str(max_drop), fix="pass e.g. --max-drop 0.01")
+    budget = _budget(max_drop, drop_type.value)
     settings = _settings(
-        runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, seed=seed,
+        runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, max_timing_s=max_timing_s, seed=seed,
         price_per_hour=price_per_hour, requests_per_month=requests_per_month,
         storage_price_per_gb_month=storage_price_per_gb_month, export_tolerance=export_tolerance,
-        max_length=max_length,
+        max_length=max_length, random_weights=random_weights,
     )
     result = run_compress(
         model, recipe, data=data, task=task.value, weights=weights, out=out,
-        budget=Budget(max_drop=max_drop, drop_type=drop_type.value), settings=settings,
+        budget=budget, settings=settings,
         progress=_progress(),
     )
     _finish(result, out, json_out)
 
 
-@app.command()
+@_command
 def bench(
     model: str = typer.Option(..., help="package.module:factory (with --weights) or a .onnx file."),
     data: str = typer.Option(..., help=".npz with x and y, package.module:function, or builtin:digits."),
@@ -164,46 +222,36 @@ def bench(
     threads: Optional[int] = COMMON["threads"],
     batch_n: Optional[int] = COMMON["batch_n"],
     repeats: Optional[int] = COMMON["repeats"],
+    max_timing_s: Optional[float] = COMMON["max_timing_s"],
     seed: Optional[int] = COMMON["seed"],
     max_length: Optional[int] = COMMON["max_length"],
+    random_weights: bool = COMMON["random_weights"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
     """Assess a model alone: size, params, MACs, latency, throughput, memory, accuracy, cost."""
     from shrinkml.api import bench as run_bench
 
     settings = _settings(
-        runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, seed=seed, max_length=max_length
+        runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, max_timing_s=max_timing_s,
+        seed=seed, max_length=max_length, random_weights=random_weights,
     )
     result = run_bench(model, data=data, task=task.value, weights=weights, settings=settings, progress=_progress())
     if json_out:
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        from shrinkml.report.json_report import dumps_report
+
+        sys.stdout.write(dumps_report(result))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    m = result["measurement"]
-    table = Table(title=f"{result['model']['source']} on {result['runtime']['name']} ({result['runtime']['threads']} threads)")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    n = m["latency_ms"]["batch_n"]["n"]
-    rows = [
-        ("size on disk", f"{m['size_bytes']:,} B"),
-        ("params (nonzero)", f"{m['params']:,} ({m['nonzero_params']:,})"),
-        ("MACs per example", "n/a" if m["macs"] is None else f"{m['macs']:,}"),
-        ("latency batch 1 p50 / p95", f"{m['latency_ms']['batch_1']['p50']:.3f} / {m['latency_ms']['batch_1']['p95']:.3f} ms"),
-        (f"latency batch {n} p50 / p95", f"{m['latency_ms']['batch_n']['p50']:.3f} / {m['latency_ms']['batch_n']['p95']:.3f} ms"),
-        (f"throughput batch {n}", f"{m['throughput_per_s']['batch_n']:,.0f} /s"),
-        ("peak memory", "n/a" if m["peak_memory_bytes"] is None else f"{m['peak_memory_bytes'] / 2**20:.1f} MiB"),
-        ("cost per million inferences", f"${result['cost']['cost_per_million_inferences']:.4f}"),
-    ]
-    for name, metric in m["metrics"].items():
-        rows.append((name, f"{metric['value']:.4f} [{metric['ci95'][0]:.4f}, {metric['ci95'][1]:.4f}]"))
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    from shrinkml.report.table import bench_table
+
+    console = Console()
+    for note in result["notes"]:
+        console.print(note, markup=False, style="yellow")
+    console.print(bench_table(result))
 
 
-@app.command()
+@_command
 def demo(
     out: Path = typer.Option(Path("shrinkml-out"), help="Output folder."),
     seed: int = typer.Option(0, help="Seed for the split, training and bootstrap."),
@@ -226,7 +274,7 @@ def demo(
     _finish(result, out, json_out)
 
 
-@app.command()
+@_command
 def explain(
     model: str = typer.Option(..., help="package.module:factory (with --weights) or a .onnx file."),
     data: str = typer.Option(..., help=".npz with x and y, package.module:function, or builtin:digits."),
@@ -236,12 +284,13 @@ def explain(
     task: TaskName = typer.Option(TaskName.classification),
     threads: Optional[int] = COMMON["threads"],
     seed: Optional[int] = COMMON["seed"],
+    random_weights: bool = COMMON["random_weights"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
     """Show which layers cost accuracy when quantized (per-layer SQNR and metric drop)."""
     from shrinkml.api import explain as run_explain
 
-    settings = _settings(threads=threads, seed=seed)
+    settings = _settings(threads=threads, seed=seed, random_weights=random_weights)
     result = run_explain(model, recipe, data=data, task=task.value, weights=weights, out=out,
                          settings=settings, progress=_progress())
     if json_out:
@@ -273,19 +322,52 @@ def techniques(name: Optional[str] = typer.Argument(None, help="Show one techniq
     typer.echo(json.dumps(schema["properties"], indent=2))
 
 
+def _on_sigterm(signum, frame) -> None:
+    from shrinkml.packaging import Terminated
+
+    raise Terminated()
+
+
+def _interrupted(exc: BaseException) -> int:
+    from shrinkml.packaging import Interrupted, Terminated
+
+    if isinstance(exc, Interrupted):  # raised by the output folder, which knows what it holds
+        typer.echo(str(exc), err=True)
+        return exc.exit_code
+    if isinstance(exc, Terminated):
+        typer.echo("terminated; nothing was written", err=True)
+        return 143
+    typer.echo("interrupted; nothing was written", err=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, map errors to exit codes, and keep tracebacks for ``--debug``."""
-    args = sys.argv[1:] if argv is None else argv
+    """Entry point: run the app, map errors to exit codes, and keep tracebacks for ``--debug``.
+
+    ``--debug`` is taken anywhere on the line (before or after the command). Ctrl-C and SIGTERM
+    print one line saying what the output folder holds and exit 130 (143 for SIGTERM).
+    """
+    import signal
+
+    args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        previous = None
     try:
         # without standalone mode, a command's exit code is returned instead of raised
-        code = app(args=args, standalone_mode=False, prog_name="shrinkml")
+        code = app(args=(["--debug"] if debug else []) + args, standalone_mode=False, prog_name="shrinkml")
+        if code == 130:  # Typer's answer to a Ctrl-C outside our commands
+            return _interrupted(KeyboardInterrupt())
         return code if isinstance(code, int) else 0
+    except _StoppedRun as exc:
+        return _interrupted(exc.interrupt)
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.Abort:
-        typer.echo("Aborted; nothing was written to the output folder.", err=True)
-        return 2
+    except (typer.Abort, KeyboardInterrupt) as exc:  # outside a command (e.g. while parsing)
+        return _interrupted(exc)
     except typer.TyperException as exc:  # usage errors: unknown option, missing value, ...
         exc.show()
         return 2
@@ -294,18 +376,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
-    except KeyboardInterrupt:
-        typer.echo("Interrupted; nothing was written to the output folder.", err=True)
-        return 2
     except Exception as exc:  # a bug in shrinkml or a library: say so, keep the trace for --debug
         if debug:
             raise
         typer.echo(
-            f"error: unexpected {type(exc).__name__}: {exc}. This is probably a bug in shrinkml;"
+            f"error: unexpected {type(exc).__name__}: {str(exc)[:300]}. This is probably a bug in shrinkml;"
             " rerun with --debug for the traceback and report it.",
             err=True,
         )
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

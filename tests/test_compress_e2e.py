@@ -14,11 +14,12 @@ import shrinkml
 from shrinkml.api import Budget, RunSettings
 from shrinkml.cli import main
 from shrinkml.data import make_splits
+from shrinkml.measure.stats import speedup_verdict
 from shrinkml.recipe import Recipe
 from shrinkml.report import validate_report
 from tests.conftest import tiny_cnn, toy_data
 
-FAST = RunSettings(repeats=10, warmup=1, batch_n=8, threads=1, bootstrap_resamples=500)
+FAST = RunSettings(repeats=10, warmup=1, batch_n=8, threads=1, bootstrap_resamples=500, max_timing_s=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,11 @@ def test_compress_report_contract_and_files(trained, tmp_path):
     assert c["size_bytes"] == (tmp_path / "out" / "model.onnx").stat().st_size
     assert report["delta"]["size_ratio"] == pytest.approx(b["size_bytes"] / c["size_bytes"])
     assert c["params"] < b["params"] and c["macs"] < b["macs"]
-    assert report["delta"]["speedup_batch_n"] == pytest.approx(b["latency_ms"]["batch_n"]["p50"] / c["latency_ms"]["batch_n"]["p50"])
+    speedup = report["delta"]["speedup_batch_n"]  # median of per-round ratios, CI over the same rounds
+    assert speedup["ci95"][0] <= speedup["value"] <= speedup["ci95"][1]
+    assert speedup["verdict"] == speedup_verdict(*speedup["ci95"])
+    assert speedup["rounds"] == b["latency_ms"]["batch_n"]["runs"] == report["timing"]["batch_n"]["rounds"]
+    assert b["artifact"]["file"] is None and (tmp_path / "out" / c["artifact"]["file"]).is_file()
     assert b["latency_ms"]["batch_n"]["n"] == 8 and b["latency_ms"]["batch_1"]["runs"] >= 10
     acc = c["metrics"]["accuracy"]
     assert acc["ci95"][0] <= acc["value"] <= acc["ci95"][1]
@@ -67,11 +72,11 @@ def test_compress_report_contract_and_files(trained, tmp_path):
     assert report["export"]["compressed_max_abs_diff"] < 1e-4  # the float export, before INT8
     # files: artifact, resolved recipe that round-trips, reports; nothing partial
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["manifest.json", "model.onnx", "recipe.yaml", "report.html", "report.json", "report.md"]
+    assert names == [".shrinkml-output.json", "manifest.json", "model.onnx", "recipe.yaml", "report.html", "report.json", "report.md"]
     saved = Recipe.from_yaml(tmp_path / "out" / "recipe.yaml")
     assert saved == Recipe.from_steps(recipe)
     assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text()) == report["recipe"]
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["schema"] == "shrinkml.report/1"
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["schema"] == "shrinkml.report/2"
     assert not list(tmp_path.glob(".out.partial-*"))
     onnx.checker.check_model(onnx.load(str(tmp_path / "out" / "model.onnx")))
 
@@ -139,7 +144,7 @@ def test_fidelity_task_without_labels(trained):
 
 def test_cli_compress_and_bench_json(user_project, capsys):
     code = main(["compress", "--model", "usermodels_for_tests:good", "--weights", "weights.safetensors", "--data", "data.npz",
-                 "--recipe", "recipe.yaml", "--out", "out", "--repeats", "10", "--batch-n", "4", "--json", "--max-drop", "1.0",
+                 "--recipe", "recipe.yaml", "--out", "out", "--repeats", "10", "--max-timing-s", "0", "--batch-n", "4", "--json", "--max-drop", "1.0",
                  "--price-per-hour", "1.0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -147,7 +152,7 @@ def test_cli_compress_and_bench_json(user_project, capsys):
     assert report["cost"]["assumptions"]["price_per_hour"] == 1.0
     assert (user_project / "out" / "model.onnx").is_file()
     code = main(["bench", "--model", "usermodels_for_tests:good", "--weights", "weights.safetensors", "--data", "data.npz",
-                 "--repeats", "10", "--json", "--runtime", "torch"])
+                 "--repeats", "10", "--max-timing-s", "0", "--json", "--runtime", "torch"])
     bench = json.loads(capsys.readouterr().out)
     assert code == 0 and bench["measurement"]["params"] == 64 * 32 + 32 + 32 * 10 + 10
     assert bench["measurement"]["metrics"]["accuracy"]["value"] < 0.5  # an untrained model: chance level
@@ -157,7 +162,7 @@ def test_cli_exit_1_when_budget_not_met(user_project, capsys):
     (user_project / "r.yaml").write_text("steps:\n  - technique: prune.channels\n    channel_ratio: 0.9\n    importance: random\n")
     # the user model is untrained: force a measurable change with a zero budget on agreement
     code = main(["compress", "--model", "usermodels_for_tests:good", "--weights", "weights.safetensors", "--data", "data.npz",
-                 "--recipe", "r.yaml", "--out", "out", "--repeats", "10", "--task", "fidelity", "--max-drop", "0"])
+                 "--recipe", "r.yaml", "--out", "out", "--repeats", "10", "--max-timing-s", "0", "--task", "fidelity", "--max-drop", "0"])
     err = capsys.readouterr().err
     assert code == 1, err
     assert (user_project / "out" / "report.json").is_file()

@@ -47,6 +47,7 @@ def _run_child(mode: str, args: dict, extra_paths: list[str], timeout_s: float) 
     env["PYTHONPATH"] = os.pathsep.join(paths)
     threads = str(args["threads"])
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    args = {**args, "parent_pid": os.getpid()}
     cmd = [sys.executable, "-m", "shrinkml.measure.memory", mode, json.dumps(args)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
@@ -74,7 +75,8 @@ def peak_memory_onnx(
     >>> peak_memory_onnx(Path("model.onnx"), {"x": x}, threads=1)  # doctest: +SKIP
     48230400
     """
-    with tempfile.TemporaryDirectory(prefix="shrinkml-mem-") as tmp:
+    # beside the model (the run's work folder): a killed run's leftovers are then the run's to clean
+    with tempfile.TemporaryDirectory(prefix="shrinkml-mem-", dir=Path(model_path).parent) as tmp:
         inputs_path = Path(tmp) / "inputs.npz"
         np.savez(inputs_path, **inputs)
         args = {"model": str(Path(model_path).resolve()), "inputs": str(inputs_path), "threads": threads}
@@ -98,7 +100,7 @@ def peak_memory_torch(
     >>> peak_memory_torch(path, {"x": x}, threads=1, sys_path=[str(Path.cwd())])  # doctest: +SKIP
     61071360
     """
-    with tempfile.TemporaryDirectory(prefix="shrinkml-mem-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="shrinkml-mem-", dir=Path(model_file).parent) as tmp:
         inputs_path = Path(tmp) / "inputs.npz"
         np.savez(inputs_path, **inputs)
         args = {"model": str(Path(model_file).resolve()), "inputs": str(inputs_path), "threads": threads}
@@ -212,8 +214,26 @@ def _child_torch(args: dict) -> int:
     return _measure(baseline, load_and_run)
 
 
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Ask Linux to SIGKILL this child when its parent dies (even by SIGKILL), so a killed run never
+    leaves a measuring process behind; exit now if the parent is already gone."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        raise SystemExit(1)
+
+
 def _child_main(argv: list[str]) -> None:
     mode, args = argv[0], json.loads(argv[1])
+    _die_with_parent(args.get("parent_pid"))
     runners = {"onnx": _child_onnx, "torch": _child_torch}
     if mode not in runners:
         raise SystemExit(f"unknown mode {mode!r}; expected one of {sorted(runners)}")

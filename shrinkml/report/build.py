@@ -1,7 +1,7 @@
 """Assemble the report dicts from measurements: ``compress`` (baseline vs compressed) and ``bench``.
 
 Measurement happens in ``shrinkml.measure``; this module only arranges what was measured into the
-``shrinkml.report/1`` and ``shrinkml.bench/1`` records and derives the deltas, notes and costs.
+``shrinkml.report/2`` and ``shrinkml.bench/2`` records and derives the deltas, notes and costs.
 """
 
 from __future__ import annotations
@@ -10,13 +10,56 @@ import datetime as _dt
 from typing import Any
 
 from shrinkml.cost import cost_report, model_cost
+from shrinkml.measure.stats import paired_speedup_ci, speedup_verdict
 from shrinkml.report.json_report import REPORT_SCHEMA
 
-BENCH_SCHEMA = "shrinkml.bench/1"
+BENCH_SCHEMA = "shrinkml.bench/2"  # /2: latency p50_ci95, artifact as {"file", "description"}, "timing"
+BATCH_KEYS = ("batch_1", "batch_n")
+TIMING_METHOD = (
+    "Interleaved rounds: each round runs every model once, in alternating order, after discarded"
+    " warm-up runs. Speedup = median over rounds of (baseline time / compressed time) within the same"
+    " round; its 95% CI bootstraps whole rounds. Rounds are added until that CI is within"
+    " ±rel_tolerance of the value or the rounds have taken max_time_s. A speedup whose CI includes 1.0"
+    " is reported as 'no measurable difference'."
+)
+_FILE_SUFFIX = {"onnxruntime": ".onnx", "torch": ".safetensors"}
+_FORMAT = {"onnxruntime": "ONNX", "torch": "safetensors"}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b in (None, 0) else float(a) / float(b)
+
+
+def speedup(base, comp, key: str, *, resamples: int, seed: int) -> dict[str, Any]:
+    """Speedup of ``comp`` over ``base`` (Assessments timed together) at ``key`` with its paired
+    95% CI over the interleaved rounds, and what it allows one to say."""
+    value, lo, hi = paired_speedup_ci(
+        base.latency_samples_ms(key), comp.latency_samples_ms(key), n_resamples=resamples, seed=seed
+    )
+    return {"value": value, "ci95": [lo, hi], "verdict": speedup_verdict(lo, hi),
+            "rounds": base.timings[key].rounds}
+
+
+def timing_section(assessment) -> dict[str, Any]:
+    """How latency was measured and whether it can be trusted, per batch size."""
+    per_batch = {key: assessment.timings[key].to_dict() for key in BATCH_KEYS}
+    return {"method": TIMING_METHOD, "unstable": any(t["unstable"] for t in per_batch.values()), **per_batch}
+
+
+def compressed_artifact(runtime: str) -> dict[str, Any]:
+    """The compressed file, named as ``compress`` writes it into ``--out``."""
+    name = f"model{_FILE_SUFFIX.get(runtime, '')}"
+    return {"file": name, "description": f"the compressed model, written to the output folder as {name}"}
+
+
+def input_artifact(runtime: str, loaded, *, written: str = "not written to the output folder") -> dict[str, Any]:
+    """The user's input model: no file of ours holds it, so ``file`` is None and the description
+    says what was measured."""
+    weights = f" with weights {loaded.weights}" if getattr(loaded, "weights", None) else ""
+    saved_as = _FORMAT.get(runtime, runtime)
+    return {"file": None,
+            "description": f"the input model {loaded.source}{weights}, saved as {saved_as} in a temporary folder"
+            f" to be measured (size_bytes is that file's size); {written}"}
 
 
 def data_section(splits, seed: int, loaded, example) -> dict[str, Any]:
@@ -27,20 +70,42 @@ def data_section(splits, seed: int, loaded, example) -> dict[str, Any]:
     return section
 
 
-def notes(baseline: dict, compressed: dict, steps: list[dict]) -> list[str]:
+def _batch_label(key: str, measurement: dict) -> str:
+    return "batch 1" if key == "batch_1" else f"batch {measurement['latency_ms']['batch_n']['n']}"
+
+
+def notes(baseline: dict, compressed: dict, steps: list[dict], delta: dict) -> list[str]:
+    """Caveats a reader must see: what steps say about their own result, measured slowdowns (only
+    where the speedup's CI lies below 1.0), a larger file. Unstable timing is in ``timing``."""
     # caveats a step states about its own result (e.g. FP16 without native FP16 arithmetic)
     out = [f"{s['technique']}: {s['summary']['note']}" for s in steps if s["summary"].get("note")]
-    for key, label in (("batch_1", "batch 1"), ("batch_n", f"batch {compressed['latency_ms']['batch_n']['n']}")):
-        b, c = baseline["latency_ms"][key]["p50"], compressed["latency_ms"][key]["p50"]
-        if c > b:
-            out.append(f"The compressed model is slower than the baseline at {label} on this runtime ({c:.3g} ms vs {b:.3g} ms, median).")
+    for key in BATCH_KEYS:
+        label = _batch_label(key, compressed)
+        entry = delta.get(f"speedup_{key}") or {}
+        if entry.get("verdict") == "slower":
+            b, c = baseline["latency_ms"][key]["p50"], compressed["latency_ms"][key]["p50"]
+            lo, hi = entry["ci95"]
+            out.append(f"The compressed model is slower than the baseline at {label} on this runtime"
+                       f" ({c:.3g} ms vs {b:.3g} ms, median; speedup {entry['value']:.3g}x, 95% CI {lo:.3g}–{hi:.3g}x).")
     if compressed["size_bytes"] > baseline["size_bytes"]:
         out.append("The compressed artifact is larger on disk than the baseline.")
     return out
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "RANDOM WEIGHTS: the factory model ran with the untrained weights it is built with (--random-weights);"
+    " accuracy figures describe the architecture, not a trained model"
+)
+
+
 def _model_section(loaded) -> dict[str, Any]:
-    return {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind}
+    return {"source": loaded.source, "weights": loaded.weights, "kind": loaded.kind,
+            "random_weights": bool(getattr(loaded, "random_weights", False))}
+
+
+def _loading_notes(loaded) -> list[str]:
+    """What loading decided (random weights first, float casts), for the report's notes."""
+    return ([RANDOM_WEIGHTS_NOTE] if getattr(loaded, "random_weights", False) else []) + list(getattr(loaded, "notes", []))
 
 
 def _runtime_section(settings) -> dict[str, Any]:
@@ -51,9 +116,12 @@ def build_report(
     *, loaded, task, primary: str, settings, splits, example, base, comp, drop: dict, budget, recipe,
     steps: list[dict], export: dict, environment: dict,
 ) -> dict[str, Any]:
-    """The ``shrinkml.report/1`` dict of one compress run (``base``/``comp``: Assessments)."""
-    b, c = base.measurement, comp.measurement
+    """The ``shrinkml.report/2`` dict of one compress run (``base``/``comp``: Assessments)."""
+    b = {"artifact": input_artifact(base.measurement["runtime"], loaded), **base.measurement}
+    c = {"artifact": compressed_artifact(comp.measurement["runtime"]), **comp.measurement}
     worst = drop["ci95"][1]
+    speedups = {f"speedup_{key}": speedup(base, comp, key, resamples=settings.bootstrap_resamples, seed=settings.seed)
+                for key in BATCH_KEYS}
     return {
         "schema": REPORT_SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -68,8 +136,7 @@ def build_report(
             "params_ratio": ratio(b["params"], c["params"]),
             "nonzero_params_ratio": ratio(b["nonzero_params"], c["nonzero_params"]),
             "macs_ratio": ratio(b["macs"], c["macs"]),
-            "speedup_batch_1": ratio(b["latency_ms"]["batch_1"]["p50"], c["latency_ms"]["batch_1"]["p50"]),
-            "speedup_batch_n": ratio(b["latency_ms"]["batch_n"]["p50"], c["latency_ms"]["batch_n"]["p50"]),
+            **speedups,
             "accuracy_drop": drop,
         },
         "budget": {
@@ -83,15 +150,16 @@ def build_report(
         "recipe": recipe.to_dict(),
         "steps": steps,
         "export": export,
-        "notes": notes(b, c, steps),
+        "notes": _loading_notes(loaded) + notes(b, c, steps, speedups),
+        "timing": timing_section(base),
         "environment": environment,
     }
 
 
 def build_bench_report(*, loaded, task, settings, splits, example, assessment, export_max_abs_diff, environment) -> dict[str, Any]:
-    """The ``shrinkml.bench/1`` dict: one model's assessment."""
-    measurement = assessment.measurement
-    measurement["export_max_abs_diff"] = export_max_abs_diff
+    """The ``shrinkml.bench/2`` dict: one model's assessment."""
+    measurement = {"artifact": input_artifact(assessment.measurement["runtime"], loaded, written="bench writes no files"),
+                   **assessment.measurement, "export_max_abs_diff": export_max_abs_diff}
     return {
         "schema": BENCH_SCHEMA,
         "model": _model_section(loaded),
@@ -104,5 +172,7 @@ def build_bench_report(*, loaded, task, settings, splits, example, assessment, e
             "assumptions": settings.cost.model_dump(),
             **model_cost(measurement["throughput_per_s"]["batch_n"], measurement["size_bytes"], settings.cost),
         },
+        "timing": timing_section(assessment),
+        "notes": _loading_notes(loaded),
         "environment": environment,
     }

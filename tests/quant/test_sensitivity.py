@@ -137,7 +137,7 @@ def test_static_keep_float_auto_meets_a_budget_plain_int8_misses(tmp_path):
 
     model, data = outlier_mlp(tmp_path)
     splits = make_splits(data, seed=0)
-    settings = RunSettings(threads=1, repeats=10, batch_n=8, measure_memory=False, bootstrap_resamples=500)
+    settings = RunSettings(threads=1, repeats=10, batch_n=8, measure_memory=False, bootstrap_resamples=500, max_timing_s=0)
     budget = Budget(max_drop=0.03)
     plain = shrinkml.compress(model, [{"technique": "quantize.static"}], data=splits, settings=settings, budget=budget)
     auto = shrinkml.compress(model, [{"technique": "quantize.static", "keep_float": "auto"}], data=splits,

@@ -148,7 +148,11 @@ def _finish(result, out: Path, json_out: bool) -> None:
 
 
 COMMON = {
-    "runtime": typer.Option(RuntimeName.onnxruntime, help="Where both models are timed."),
+    "model": typer.Option(..., help="package.module:factory (imported from the current folder; with --weights), a .onnx file, or a transformers / sentence-transformers directory."),
+    "data": typer.Option(..., help=".npz with x and y (or x_calibration/x_finetune/x_test), package.module:function, builtin:digits; for text models .txt, .jsonl or builtin:texts."),
+    "task": typer.Option(TaskName.classification, help="classification (accuracy against labels), fidelity (label-free closeness to the original) or embedding (text embedding models: cosine, worst-5%, top-10 neighbours)."),
+    "weights": typer.Option(None, help="Trained weights (.safetensors) for a factory model; pickles are refused."),
+    "runtime": typer.Option(RuntimeName.onnxruntime, help="Where the models are timed."),
     "threads": typer.Option(None, help="Threads for inference and training (default: min(cores, 4))."),
     "batch_n": typer.Option(None, "--batch-n", help="The larger batch size timed besides batch 1 (default 32)."),
     "repeats": typer.Option(None, help="Timed runs per model and batch size (>= 10, default 20)."),
@@ -172,14 +176,14 @@ COMMON = {
 
 @_command
 def compress(
-    model: str = typer.Option(..., help="package.module:factory (with --weights), a .onnx file, or a transformers / sentence-transformers directory."),
-    data: str = typer.Option(..., help=".npz with x and y, package.module:function, builtin:digits; for text models .txt, .jsonl or builtin:texts."),
+    model: str = COMMON["model"],
+    data: str = COMMON["data"],
     recipe: Path = typer.Option(..., help="Recipe YAML: an ordered list of steps."),
-    out: Path = typer.Option(Path("shrinkml-out"), help="Output folder."),
-    weights: Optional[str] = typer.Option(None, help="Weights (.safetensors) for a factory model."),
-    task: TaskName = typer.Option(TaskName.classification, help="classification (labels), fidelity (label-free) or embedding (embedding models: cosine, worst-5%, top-10 neighbours)."),
+    out: Path = typer.Option(Path("shrinkml-out"), help="Output folder: new, or one an earlier run wrote (replaced whole when the run succeeds)."),
+    weights: Optional[str] = COMMON["weights"],
+    task: TaskName = COMMON["task"],
     max_drop: float = typer.Option(0.01, "--max-drop", help="Largest acceptable drop (0.01 = 1 point)."),
-    drop_type: DropType = typer.Option(DropType.absolute, "--drop-type"),
+    drop_type: DropType = typer.Option(DropType.absolute, "--drop-type", help="absolute: in metric units; relative: a fraction of the baseline's value."),
     runtime: RuntimeName = COMMON["runtime"],
     threads: Optional[int] = COMMON["threads"],
     batch_n: Optional[int] = COMMON["batch_n"],
@@ -187,8 +191,8 @@ def compress(
     max_timing_s: Optional[float] = COMMON["max_timing_s"],
     seed: Optional[int] = COMMON["seed"],
     price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", help="Instance price, USD/hour."),
-    requests_per_month: Optional[float] = typer.Option(None, "--requests-per-month"),
-    storage_price_per_gb_month: Optional[float] = typer.Option(None, "--storage-price-per-gb-month"),
+    requests_per_month: Optional[float] = typer.Option(None, "--requests-per-month", help="Inferences per month, for the monthly cost."),
+    storage_price_per_gb_month: Optional[float] = typer.Option(None, "--storage-price-per-gb-month", help="Storage price, USD per GB-month."),
     export_tolerance: Optional[float] = typer.Option(None, "--export-tolerance", help="Max abs diff ONNX vs PyTorch."),
     max_length: Optional[int] = COMMON["max_length"],
     random_weights: bool = COMMON["random_weights"],
@@ -214,10 +218,10 @@ def compress(
 
 @_command
 def bench(
-    model: str = typer.Option(..., help="package.module:factory (with --weights) or a .onnx file."),
-    data: str = typer.Option(..., help=".npz with x and y, package.module:function, or builtin:digits."),
-    weights: Optional[str] = typer.Option(None, help="Weights (.safetensors) for a factory model."),
-    task: TaskName = typer.Option(TaskName.classification),
+    model: str = COMMON["model"],
+    data: str = COMMON["data"],
+    weights: Optional[str] = COMMON["weights"],
+    task: TaskName = COMMON["task"],
     runtime: RuntimeName = COMMON["runtime"],
     threads: Optional[int] = COMMON["threads"],
     batch_n: Optional[int] = COMMON["batch_n"],
@@ -276,12 +280,12 @@ def demo(
 
 @_command
 def explain(
-    model: str = typer.Option(..., help="package.module:factory (with --weights) or a .onnx file."),
-    data: str = typer.Option(..., help=".npz with x and y, package.module:function, or builtin:digits."),
+    model: str = COMMON["model"],
+    data: str = COMMON["data"],
     recipe: Path = typer.Option(..., help="Recipe YAML whose last step is the quantizer to analyse."),
     out: Optional[Path] = typer.Option(None, help="Folder for explain.{json,md,html}."),
-    weights: Optional[str] = typer.Option(None, help="Weights (.safetensors) for a factory model."),
-    task: TaskName = typer.Option(TaskName.classification),
+    weights: Optional[str] = COMMON["weights"],
+    task: TaskName = COMMON["task"],
     threads: Optional[int] = COMMON["threads"],
     seed: Optional[int] = COMMON["seed"],
     random_weights: bool = COMMON["random_weights"],

@@ -310,8 +310,11 @@ def explain(
 
 
 @app.command()
-def techniques(name: Optional[str] = typer.Argument(None, help="Show one technique's keys.")) -> None:
-    """List the registered techniques, or one technique's keys, defaults and ranges."""
+def techniques(
+    name: Optional[str] = typer.Argument(None, help="Show one technique's keys."),
+    json_out: bool = typer.Option(False, "--json", help="Print the technique's JSON schema instead of the table."),
+) -> None:
+    """List the registered techniques, or one technique's keys: type, default, range and meaning."""
     from shrinkml.techniques.base import registry
 
     found = registry()
@@ -321,9 +324,19 @@ def techniques(name: Optional[str] = typer.Argument(None, help="Show one techniq
             typer.echo(f"{tech_name:20s} {doc}")
         return
     if name not in found:
-        raise InputError(f"unknown technique {name!r}", expected="one of " + ", ".join(sorted(found)))
-    schema = found[name].config_cls.model_json_schema()
-    typer.echo(json.dumps(schema["properties"], indent=2))
+        raise InputError(f"unknown technique {name!r}", expected="one of " + ", ".join(sorted(found)),
+                         fix="run `shrinkml techniques` for the list")
+    config_cls = found[name].config_cls
+    if json_out:
+        from shrinkml.technique_docs import technique_schema
+
+        sys.stdout.write(json.dumps(technique_schema(config_cls), indent=2) + "\n")
+        return
+    from rich.console import Console
+
+    from shrinkml.technique_docs import render_technique_table
+
+    Console().print(render_technique_table(name, config_cls))
 
 
 def _on_sigterm(signum, frame) -> None:

@@ -3,6 +3,7 @@ structured channel pruning, recovery fine-tuning with distillation, and INT8 qua
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,16 @@ def digits_cnn(width: int = 32, hidden: int = 128, num_classes: int = 10) -> nn.
     )
 
 
+def digits_mlp(hidden: tuple[int, ...] = (256, 128), num_classes: int = 10) -> nn.Module:
+    """MLP for 1x8x8 digits: flatten the 64 pixels, Linear-ReLU blocks of ``hidden`` widths, logits."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 64
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU()]
+        width = size
+    return nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+
 def train_classifier(
     model: nn.Module, data: ArrayData, *, epochs: int, lr: float, seed: int, progress: Progress, batch_size: int = 64
 ) -> nn.Module:
@@ -78,9 +89,18 @@ def demo_data(seed: int = 0) -> Splits:
     return load_data("builtin:digits", seed=seed)
 
 
-def build_demo_model(splits: Splits, *, seed: int, progress: Progress, weights_out: Path | None = None) -> nn.Module:
+def build_demo_model(
+    splits: Splits,
+    *,
+    seed: int,
+    progress: Progress,
+    weights_out: Path | None = None,
+    factory: Callable[[], nn.Module] = digits_cnn,
+) -> nn.Module:
+    """Train ``factory()`` (the demo CNN by default, or ``digits_mlp``) on the fine-tune split; with
+    ``weights_out``, save its weights there for ``--model shrinkml.examples.demo:<factory>``."""
     torch.manual_seed(seed)
-    model = train_classifier(digits_cnn(), splits.finetune, epochs=20, lr=3e-3, seed=seed, progress=progress)
+    model = train_classifier(factory(), splits.finetune, epochs=20, lr=3e-3, seed=seed, progress=progress)
     if weights_out is not None:
         from shrinkml.models.safetensors_io import save_state_dict
 

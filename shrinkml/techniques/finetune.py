@@ -31,19 +31,23 @@ from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepRe
 class FinetuneConfig(StepConfig):
     """Hyperparameters of recovery training."""
 
-    technique: Literal["finetune"] = "finetune"
+    technique: Literal["finetune"] = Field(
+        "finetune", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
     epochs: int = Field(3, ge=1, le=10_000, description="maximum passes over the fine-tune split")
-    lr: float = Field(1e-3, gt=0, lt=10, description="learning rate")
-    batch_size: int = Field(64, ge=1)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(1e-3, gt=0, lt=10, description="learning rate of the optimizer")
+    batch_size: int = Field(64, ge=1, description="training examples per optimizer step")
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with momentum 0.9")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay passed to the optimizer")
     distill: bool = Field(True, description="learn from the original model's outputs too")
     temperature: float = Field(4.0, gt=0, description="softening temperature of the distillation KL")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss (1 = only KL)")
     validation_fraction: float = Field(
         0.1, ge=0, lt=1, description="part of the fine-tune split held out for early stopping"
     )
-    patience: int | None = Field(2, ge=1, description="epochs without improvement before stopping")
+    patience: int | None = Field(
+        2, ge=1, description="epochs without a lower held-out loss before stopping; unset: run every epoch"
+    )
     loss: Literal["auto", "kl", "cosine", "mse"] = Field(
         "auto",
         description="distillation loss: kl (classifiers), cosine (1 - cos + MSE, embedding models), mse;"

@@ -36,16 +36,23 @@ _LAYER_CLASSES: dict[str, tuple[type[nn.Module], ...]] = {
 class PruneMagnitudeConfig(StepConfig):
     """Hyperparameters of unstructured magnitude pruning."""
 
-    technique: Literal["prune.magnitude"] = "prune.magnitude"
-    sparsity: float = Field(0.5, ge=0, lt=1)
-    """Fraction of weights set to zero in the pruned layers (their ``weight`` only, not biases)."""
-    scope: Literal["global", "layer"] = "global"
-    """``global``: one magnitude threshold across all pruned weights, so layers end with different
-    sparsities; ``layer``: the same fraction removed from each layer."""
-    layer_types: tuple[LayerType, ...] = Field(("linear", "conv"), min_length=1)
-    """Which layer kinds are pruned: ``linear`` (nn.Linear) and/or ``conv`` (nn.ConvNd)."""
-    ignore: tuple[str, ...] = ()
-    """Module-name glob patterns (``fnmatch``, e.g. ``"classifier"``, ``"encoder.0.*"``) left dense."""
+    technique: Literal["prune.magnitude"] = Field(
+        "prune.magnitude", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    sparsity: float = Field(
+        0.5, ge=0, lt=1, description="fraction of the pruned layers' weights set to zero (weights only, not biases)"
+    )
+    scope: Literal["global", "layer"] = Field(
+        "global",
+        description="global: one magnitude threshold across all pruned weights (layers end with different"
+        " sparsities); layer: the same fraction zeroed in each layer",
+    )
+    layer_types: tuple[LayerType, ...] = Field(
+        ("linear", "conv"), min_length=1, description="layer kinds pruned: linear (nn.Linear) and/or conv (nn.ConvNd)"
+    )
+    ignore: tuple[str, ...] = Field(
+        (), description="module-name globs (fnmatch, e.g. 'classifier', 'encoder.0.*') left dense"
+    )
 
 
 def _prunable_weights(model: nn.Module, config: PruneMagnitudeConfig) -> dict[str, nn.Parameter]:

@@ -45,40 +45,57 @@ from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepRe
 class PruneHeadsConfig(StepConfig):
     """Hyperparameters of attention-head pruning."""
 
-    technique: Literal["prune.heads"] = "prune.heads"
-    head_ratio: float = Field(0.25, ge=0, lt=1)
-    """Fraction of the attention heads removed from each layer (rounded down; the same count in
-    every layer)."""
-    importance: Literal["l2"] = "l2"
-    """How heads are ranked: L2 norm of the head's query, key, value and output-projection weights."""
-    keep_min: int = Field(1, ge=1)
-    """Heads always kept in each layer, whatever ``head_ratio`` says."""
+    technique: Literal["prune.heads"] = Field(
+        "prune.heads", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    head_ratio: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="fraction of attention heads removed from each layer (rounded down, the same count in every layer)",
+    )
+    importance: Literal["l2"] = Field(
+        "l2", description="how heads are ranked: L2 norm of the head's query, key, value and output-projection weights"
+    )
+    keep_min: int = Field(1, ge=1, description="heads always kept in each layer, whatever head_ratio says")
 
 
 class PruneFFNConfig(StepConfig):
     """Hyperparameters of feed-forward (intermediate neuron) pruning."""
 
-    technique: Literal["prune.ffn"] = "prune.ffn"
-    neuron_ratio: float = Field(0.25, ge=0, lt=1)
-    """Fraction of the intermediate neurons removed from each layer's feed-forward block (the count
-    kept is then rounded up to ``round_to``)."""
-    importance: Literal["l1", "l2"] = "l2"
-    """How neurons are ranked: L1 or L2 norm of their input row and output column together."""
-    round_to: int | None = Field(8, ge=1)
-    """Keep the intermediate size a multiple of this (SIMD-friendly shapes); None: no rounding."""
+    technique: Literal["prune.ffn"] = Field(
+        "prune.ffn", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    neuron_ratio: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="fraction of intermediate neurons removed from each layer's feed-forward block"
+        " (the count kept is then rounded up to round_to)",
+    )
+    importance: Literal["l1", "l2"] = Field(
+        "l2", description="how neurons are ranked: L1 or L2 norm of their input row and output column together"
+    )
+    round_to: int | None = Field(
+        8, ge=1, description="keep the intermediate size a multiple of this (SIMD-friendly shapes); unset: no rounding"
+    )
 
 
 class PruneLayersConfig(StepConfig):
     """Which encoder layers to keep: ``keep`` (a count, placed by ``strategy``) or ``keep_layers``."""
 
-    technique: Literal["prune.layers"] = "prune.layers"
-    keep: int | None = Field(None, ge=1)
-    """Number of encoder layers kept."""
-    strategy: Literal["alternate", "first", "last"] = "alternate"
-    """Where the kept layers are: evenly spaced always keeping the last one (``alternate``), the
-    first ``keep`` layers, or the last ``keep`` layers."""
-    keep_layers: tuple[int, ...] | None = None
-    """Explicit 0-based indices of the layers kept (instead of ``keep``)."""
+    technique: Literal["prune.layers"] = Field(
+        "prune.layers", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    keep: int | None = Field(None, ge=1, description="number of encoder layers kept (give this or keep_layers)")
+    strategy: Literal["alternate", "first", "last"] = Field(
+        "alternate",
+        description="where the kept layers sit: evenly spaced always keeping the last (alternate), the first"
+        " keep layers, or the last keep layers",
+    )
+    keep_layers: tuple[int, ...] | None = Field(
+        None, description="explicit 0-based indices of the encoder layers kept (instead of keep)"
+    )
 
     @model_validator(mode="after")
     def _one_of_keep(self) -> PruneLayersConfig:

@@ -21,9 +21,13 @@ DEFAULT_OP_TYPES = ("MatMul", "Gemm", "Attention", "Gather")
 class QuantizeDynamicConfig(StepConfig):
     """Weights to INT8 (per output channel by default), activations quantized at run time."""
 
-    technique: Literal["quantize.dynamic"] = "quantize.dynamic"
-    weight_type: Literal["qint8", "quint8"] = "qint8"
-    per_channel: bool = True
+    technique: Literal["quantize.dynamic"] = Field(
+        "quantize.dynamic", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    weight_type: Literal["qint8", "quint8"] = Field(
+        "qint8", description="integer type of the stored weights: signed (qint8) or unsigned (quint8) 8-bit"
+    )
+    per_channel: bool = Field(True, description="one weight scale per output channel (else one per tensor)")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI overflow safety")
     op_types: tuple[str, ...] = Field(
         DEFAULT_OP_TYPES, min_length=1, description="ONNX op types to quantize"

@@ -52,8 +52,12 @@ NO_NATIVE_FP16_NOTE = (
 class QuantizeHalfConfig(StepConfig):
     """Weights (and, where the runtime supports it, compute) in 16-bit floats."""
 
-    technique: Literal["quantize.half"] = "quantize.half"
-    dtype: Literal["float16", "bfloat16"] = "float16"
+    technique: Literal["quantize.half"] = Field(
+        "quantize.half", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="16-bit float type of the weights (and of compute, where the runtime has kernels)"
+    )
     keep_io_float32: bool = Field(
         True, description="inputs and outputs stay float32, so callers need no change"
     )

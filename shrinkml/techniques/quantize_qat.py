@@ -61,10 +61,12 @@ _FLOAT_COMPUTE_OPS = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "Fused
 class QuantizeQATConfig(StepConfig):
     """Hyperparameters of quantization-aware training."""
 
-    technique: Literal["quantize.qat"] = "quantize.qat"
+    technique: Literal["quantize.qat"] = Field(
+        "quantize.qat", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
     epochs: int = Field(3, ge=1, le=10_000, description="passes over the fine-tune split")
     lr: float = Field(1e-4, gt=0, lt=10, description="learning rate (Adam)")
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, description="training (and calibration) examples per step")
     distill: bool = Field(True, description="learn from the original model's outputs too")
     temperature: float = Field(4.0, gt=0, description="softening temperature of the distillation KL")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss (1 = only KL)")

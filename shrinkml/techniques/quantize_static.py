@@ -29,7 +29,9 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 class QuantizeStaticConfig(StepConfig):
     """INT8 weights and activations (QDQ), activation ranges calibrated on the calibration split."""
 
-    technique: Literal["quantize.static"] = "quantize.static"
+    technique: Literal["quantize.static"] = Field(
+        "quantize.static", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = Field(
         "minmax",
         description="how activation ranges are chosen: min-max, a percentile of |values|, ONNX Runtime's"

@@ -58,10 +58,14 @@ _CALIBRATION_BATCH = 16
 class QuantizeWeightOnlyConfig(StepConfig):
     """INT4 / INT8 weights of Linear layers, group-wise along the input dimension; float activations."""
 
-    technique: Literal["quantize.weight_only"] = "quantize.weight_only"
-    bits: Literal[4, 8] = 4
+    technique: Literal["quantize.weight_only"] = Field(
+        "quantize.weight_only", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
+    bits: Literal[4, 8] = Field(4, description="bits per stored weight code")
     group_size: int = Field(32, ge=16, description="weights per scale along the input dimension; a power of 2")
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn", description="round-to-nearest, or GPTQ (error-compensating, uses calibration examples)"
+    )
     symmetric: bool = Field(False, description="no zero points (the runtime's default 2**(bits-1) is used)")
     gptq_damp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening, a fraction of its mean diagonal")
     gptq_block_size: int = Field(128, ge=1, description="columns per lazy GPTQ update")

@@ -46,7 +46,9 @@ _DISTANCE_BUDGET = 64 * 2**20  # float32 distances held at once during k-means (
 class ShareEmbeddingsConfig(StepConfig):
     """Product-quantized embedding tables: shared codebooks of short vectors, uint8 codes per row."""
 
-    technique: Literal["share.embeddings"] = "share.embeddings"
+    technique: Literal["share.embeddings"] = Field(
+        "share.embeddings", description="the technique this step runs (`shrinkml techniques` lists them)"
+    )
     vector_size: int = Field(3, ge=1, le=16, description="weights per shared vector (8/vector_size bits per weight)")
     codebook_size: int = Field(256, ge=2, le=256, description="shared vectors per position (codes are uint8)")
     iterations: int = Field(25, ge=1, le=500, description="k-means (Lloyd) iterations per codebook")

@@ -80,19 +80,10 @@ class QuantizeHalfConfig(StepConfig):
 def cpu_native_fp16(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU does FP16 arithmetic natively (x86 AVX512-FP16 or AMX-FP16; Arm FP16 SIMD),
     from ``/proc/cpuinfo``. ``f16c`` only converts, so it does not count. None when unknown."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    if not flags:
-        return None
-    return bool(flags & {"avx512_fp16", "amx_fp16", "asimdhp"})
+    from shrinkml.environment import cpu_flags
+
+    flags = cpu_flags(cpuinfo)
+    return None if flags is None else bool(flags & {"avx512_fp16", "amx_fp16", "asimdhp"})
 
 
 def _kept_nodes(model: onnx.ModelProto, patterns: Iterable[str]) -> list[str]:

@@ -18,10 +18,15 @@ import annotated_types
 import yaml
 from pydantic import ValidationError
 
-from shrinkml.errors import InputError
+from shrinkml.errors import InputError, brief, clip
 from shrinkml.techniques.base import ModelKind, StepConfig, registry
+from shrinkml.untrusted import decode_utf8, load_yaml, read_bounded
 
 _BOUND_TYPES = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+# Real recipes are a few kB. Pure-Python PyYAML reads some 50,000 tokens a second, so this bound also
+# keeps the worst case (a file of nothing but tiny values) to a few seconds.
+MAX_RECIPE_BYTES = 256 * 1024
+_PROBLEMS_SHOWN = 3  # validation problems named in one message; the rest are counted
 
 
 def _interval(config_cls: type[StepConfig], field: str) -> str | None:
@@ -48,18 +53,18 @@ def _interval(config_cls: type[StepConfig], field: str) -> str | None:
 
 
 def _format_error(where: str, config_cls: type[StepConfig], error: Mapping[str, Any]) -> str:
-    loc = ".".join(str(part) for part in error["loc"])
+    loc = ".".join(clip(str(part), 40) for part in error["loc"])  # a key can be any length
     path = f"{where}.{loc}" if loc else where
     kind = error["type"]
-    value = error.get("input")
+    value = brief(error.get("input"))
     if kind == "extra_forbidden":
         known = ", ".join(name for name in config_cls.model_fields if name != "technique")
         return f"{path}: unknown key (known keys: {known or 'none'})"
     if kind in _BOUND_TYPES and error["loc"]:
         interval = _interval(config_cls, str(error["loc"][0]))
         if interval:
-            return f"{path}: must be in {interval}, got {value!r}"
-    return f"{path}: {error['msg'][0].lower()}{error['msg'][1:]}, got {value!r}"
+            return f"{path}: must be in {interval}, got {value}"
+    return f"{path}: {error['msg'][:1].lower()}{error['msg'][1:]}, got {value}"
 
 
 def parse_step(step: Any, index: int) -> StepConfig:
@@ -79,19 +84,22 @@ def parse_step(step: Any, index: int) -> StepConfig:
             fix="write each step as a mapping with a 'technique' key",
         )
     name = step.get("technique")
-    if name not in techniques:
+    if not isinstance(name, str) or name not in techniques:
         raise InputError(
             "unknown technique" if name is not None else "missing 'technique'",
             where=f"{where}.technique",
             expected="one of " + ", ".join(sorted(techniques)),
-            found=repr(name),
+            found=brief(name),
             fix="use one of the registered technique names (`shrinkml techniques` lists them)",
         )
     config_cls = techniques[name].config_cls
     try:
         return config_cls.model_validate(dict(step))
     except ValidationError as exc:
-        problems = "; ".join(_format_error(where, config_cls, err) for err in exc.errors())
+        errors = exc.errors()
+        problems = "; ".join(_format_error(where, config_cls, err) for err in errors[:_PROBLEMS_SHOWN])
+        if len(errors) > _PROBLEMS_SHOWN:
+            problems += f" (and {len(errors) - _PROBLEMS_SHOWN} more)"
         raise InputError(
             f"invalid recipe step: {problems}",
             fix=f"correct the value(s); `shrinkml techniques {name}` shows every key and its range",
@@ -128,10 +136,10 @@ class Recipe:
                 found=type(data).__name__,
                 fix="start the file with `steps:`",
             )
-        extra = sorted(set(data) - {"steps"})
+        extra = sorted(brief(key) for key in data if key != "steps")  # keys of any type sort as text
         if extra:
             raise InputError(
-                f"unknown top-level key(s) {', '.join(map(repr, extra))}",
+                f"unknown top-level key(s) {', '.join(extra)}",
                 where=source,
                 expected="only 'steps'",
                 fix="remove them or move them into a step",
@@ -142,20 +150,16 @@ class Recipe:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
+        """Read a recipe file: at most ``MAX_RECIPE_BYTES`` of UTF-8, strict YAML (no aliases, no
+        duplicate keys; errors name the line and column), then validated like ``from_dict``."""
         path = Path(path)
         if not path.is_file():
             raise InputError(
                 "recipe file not found", where=str(path), fix="check the path given to --recipe"
             )
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise InputError(
-                f"the recipe is not valid YAML ({str(exc).splitlines()[0]})",
-                where=str(path),
-                fix="fix the YAML syntax",
-            ) from None
-        return cls.from_dict(data, source=str(path))
+        data = read_bounded(path, MAX_RECIPE_BYTES, what="recipe",
+                            fix="a recipe is a short list of steps; check that --recipe names the right file")
+        return cls.from_dict(load_yaml(decode_utf8(data, where=str(path)), where=str(path)), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": [step.model_dump(mode="json") for step in self.steps]}

@@ -7,7 +7,7 @@ truncated), so the rest of shrinkml sees one int64 array ``(n, max_length)`` lik
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +15,17 @@ from typing import Any
 import numpy as np
 
 from shrinkml.data.arrays import ArrayData
-from shrinkml.errors import InputError
+from shrinkml.errors import InputError, brief
+from shrinkml.untrusted import decode_utf8, parse_json, read_bounded
 
 DEFAULT_MAX_LENGTH = 128
 TEXT_SUFFIXES = (".txt", ".jsonl")
+MAX_TEXT_FILE_BYTES = 256 * 2**20  # far more text than calibration and evaluation use
+MAX_LINE_CHARS = 1_000_000  # tokenizing keeps only the first --max-length tokens of a text anyway
+_INT64 = range(-(2**63), 2**63)
+# Universal newlines (\r\n, \r, \n), as editors count lines. Not str.splitlines(): it also splits
+# at U+2028, U+0085 and others, which JSON allows unescaped inside strings.
+_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -46,19 +53,23 @@ def read_jsonl(path: Path) -> tuple[list[str], np.ndarray | None]:
             continue
         where = f"{path}:{number}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"line {number} is not valid JSON ({exc.msg})", where=where,
+            row = parse_json(line)
+        except ValueError as exc:  # malformed, too deeply nested, or a number too long to convert
+            raise InputError(f"line {number} is not valid JSON ({getattr(exc, 'msg', exc)})", where=where,
                              expected='one JSON object per line, e.g. {"text": "...", "label": 1}',
                              fix="fix or remove that line") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise InputError(f"line {number} has no string field 'text'", where=where,
                              expected='{"text": "...", "label": 1} (label optional)',
-                             found=line.strip()[:80], fix="add the text under the key 'text'")
+                             found=brief(line.strip()), fix="add the text under the key 'text'")
         label = row.get("label")
         if label is not None and (isinstance(label, bool) or not isinstance(label, int)):
             raise InputError(f"line {number} has a label that is not an integer", where=where,
-                             found=repr(label), fix="use integer class ids for 'label'")
+                             found=brief(label), fix="use integer class ids for 'label'")
+        if label is not None and label not in _INT64:
+            raise InputError(f"line {number} has a label out of range", where=where,
+                             expected="an integer class id in int64's range", found=brief(label),
+                             fix="use class ids 0, 1, 2, ...")
         texts.append(row["text"])
         labels.append(label)
     if not texts:
@@ -74,11 +85,16 @@ def read_jsonl(path: Path) -> tuple[list[str], np.ndarray | None]:
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise InputError("data file not found", where=str(path), fix="check the path given to --data")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise InputError(f"the file is not UTF-8 text ({exc.reason} at byte {exc.start})", where=str(path),
-                         fix="save it as UTF-8") from None
+    data = read_bounded(path, MAX_TEXT_FILE_BYTES, what="text file",
+                        fix="use a sample of the texts: calibration and evaluation need thousands, not millions")
+    lines = _NEWLINE.split(decode_utf8(data, where=str(path)))
+    for number, line in enumerate(lines, start=1):
+        if len(line) > MAX_LINE_CHARS:
+            raise InputError(f"line {number} is too long", where=f"{path}:{number}",
+                             expected=f"at most {MAX_LINE_CHARS:,} characters per text",
+                             found=f"{len(line):,} characters",
+                             fix="shorten or split the text: only its first --max-length tokens are used")
+    return lines
 
 
 def _require(encoding: TextEncoding | None, where: str) -> TextEncoding:

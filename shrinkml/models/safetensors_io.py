@@ -16,20 +16,33 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from shrinkml.atomic import atomic_path
-from shrinkml.errors import InputError
+from shrinkml.errors import InputError, brief
+from shrinkml.untrusted import parse_json
 
 SPARSE_METADATA_KEY = "shrinkml.sparse"
 _VALUES, _MASK = "::values", "::mask"
 _MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+# The dtypes an encoded tensor may declare, by the name save_state_dict writes. The dense tensor is
+# rebuilt by scattering the values' bits as same-width integers (below), which works for every one
+# of these (plain masked assignment is not implemented for uint16 or float8 on CPU).
+_SPARSE_DTYPES: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.uint32,
+                  torch.int64, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                  torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
+}
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _CONVERT_FIX = (
     "convert it once in an environment where you trust the file: "
     "python -c \"import torch, safetensors.torch; safetensors.torch.save_file("
@@ -37,8 +50,12 @@ _CONVERT_FIX = (
 )
 
 
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # the names _SPARSE_DTYPES is keyed by
+
+
 def _encodable(tensor: torch.Tensor) -> bool:
-    return tensor.numel() > 0 and not (tensor.is_complex() or tensor.is_quantized)
+    return tensor.numel() > 0 and tensor.dtype in _SPARSE_DTYPES.values()
 
 
 def save_state_dict(
@@ -93,7 +110,7 @@ def save_state_dict(
             if n_values * tensor.element_size() + (flat.numel() + 7) // 8 < flat.numel() * tensor.element_size():
                 tensors[name + _VALUES] = flat[mask].contiguous()
                 tensors[name + _MASK] = torch.from_numpy(np.packbits(mask.numpy()))
-                sparse[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+                sparse[name] = {"shape": list(tensor.shape), "dtype": _name(tensor.dtype)}
                 continue
         tensors[name] = tensor
     if sparse:
@@ -120,8 +137,8 @@ def _read_header(path: Path) -> dict | None:
     if not raw.startswith(b"{"):
         return None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = parse_json(raw.decode("utf-8"))
+    except ValueError:  # not UTF-8, not JSON, or nested absurdly deep
         return None
     return header if isinstance(header, dict) else None
 
@@ -169,8 +186,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             raw = {name: f.get_tensor(name) for name in f.keys()}
-        sparse = json.loads(metadata.get(SPARSE_METADATA_KEY, "{}"))
-    except (SafetensorError, json.JSONDecodeError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise InputError(
             "the safetensors file cannot be read",
             where=str(path),
@@ -178,29 +194,70 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             found=f"{type(exc).__name__}: {exc}",
             fix="write the file again, or check that the download finished",
         ) from exc
-
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in raw.items():
-        if not (name.endswith(_VALUES) or name.endswith(_MASK)):
-            state[name] = tensor
-    for name, info in sparse.items():
-        try:
-            shape, dtype = tuple(info["shape"]), getattr(torch, info["dtype"])
-            values, packed = raw[name + _VALUES], raw[name + _MASK]
-            numel = int(np.prod(shape, dtype=np.int64))
-            mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
-            dense = torch.zeros(numel, dtype=dtype)
-            dense[mask] = values.to(dtype)
-        except (KeyError, AttributeError, TypeError, ValueError, RuntimeError, IndexError) as exc:
-            raise InputError(
-                "an encoded tensor in the safetensors file is inconsistent",
-                where=f"{path}, tensor {name!r}",
-                expected=f"{name}{_VALUES} and {name}{_MASK} matching the shape in the metadata",
-                found=f"{type(exc).__name__}: {exc}",
-                fix="write the file again with shrinkml's save_state_dict",
-            ) from exc
-        state[name] = dense.reshape(shape)
+    # The safetensors library checks every stored tensor against the file's size; the encoding's
+    # metadata is shrinkml's own, so its declared shapes are checked here before anything is allocated.
+    state = {name: t for name, t in raw.items() if not name.endswith((_VALUES, _MASK))}
+    for name, info in _sparse_metadata(metadata.get(SPARSE_METADATA_KEY), path).items():
+        state[name] = _decode_sparse(name, info, raw, path)
     return state
+
+
+def _sparse_metadata(text: str | None, path: Path) -> dict[str, Any]:
+    try:
+        sparse = {} if text is None else parse_json(text)
+    except ValueError as exc:
+        raise InputError(
+            f"the {SPARSE_METADATA_KEY!r} metadata is not valid JSON ({getattr(exc, 'msg', exc)})",
+            where=str(path),
+            fix="write the file again with shrinkml's save_state_dict",
+        ) from None
+    if not isinstance(sparse, dict):
+        raise InputError(
+            f"the {SPARSE_METADATA_KEY!r} metadata is not a mapping",
+            where=str(path),
+            expected='{"name": {"shape": [...], "dtype": "float32"}, ...}',
+            found=brief(sparse),
+            fix="write the file again with shrinkml's save_state_dict",
+        )
+    return sparse
+
+
+def _decode_sparse(name: str, info: Any, raw: dict[str, torch.Tensor], path: Path) -> torch.Tensor:
+    """The dense tensor of the ``{name}::values`` / ``{name}::mask`` pair described by ``info``."""
+
+    def inconsistent(found: str, expected: str | None = None) -> InputError:
+        return InputError(
+            "an encoded tensor in the safetensors file is inconsistent",
+            where=f"{path}, tensor {brief(name)}",
+            expected=expected or f"a shape of non-negative ints, a mask ({_MASK}) of one bit per element"
+            f" and one value ({_VALUES}) of the dtype per set bit",
+            found=found,
+            fix="write the file again with shrinkml's save_state_dict",
+        )
+
+    shape, dtype_name = (info.get("shape"), info.get("dtype")) if isinstance(info, dict) else (None, None)
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise inconsistent(f"shape {brief(shape)}")
+    if not isinstance(dtype_name, str) or dtype_name not in _SPARSE_DTYPES:
+        raise inconsistent(f"dtype {brief(dtype_name)}", expected="a dtype of " + ", ".join(_SPARSE_DTYPES))
+    dtype = _SPARSE_DTYPES[dtype_name]
+    values, packed = raw.get(name + _VALUES), raw.get(name + _MASK)
+    if values is None or packed is None:
+        raise inconsistent(f"no {name + (_VALUES if values is None else _MASK)!r} tensor")
+    # The mask is read from the file, so it bounds what the shape may claim: one bit per element.
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
+        raise inconsistent(f"shape {shape} ({numel:,} elements) with a {_name(packed.dtype)} mask of shape"
+                           f" {list(packed.shape)} (needs {(numel + 7) // 8:,} bytes)")
+    mask = torch.from_numpy(np.unpackbits(packed.numpy(), count=numel).astype(bool))
+    n_set = int(mask.sum())
+    if values.dtype != dtype or values.dim() != 1 or values.numel() != n_set:
+        raise inconsistent(f"{values.numel():,} {_name(values.dtype)} values for {n_set:,} set mask bits of {dtype_name}")
+    # scatter the values' bits as integers of the same width: exact for every dtype, NaN payloads too
+    as_int = _SAME_WIDTH_INT[dtype.itemsize]
+    dense = torch.zeros(numel, dtype=as_int)
+    dense[mask] = values.view(as_int)
+    return dense.view(dtype).reshape(shape)
 
 
 def _fitted_shapes(module: nn.Module, shapes: dict[str, torch.Size]) -> dict[str, int] | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     import onnx
@@ -27,11 +27,25 @@ ModelKind = Literal["torch", "onnx"]
 
 
 class StepConfig(BaseModel):
-    """Base of every technique config: frozen, strict about unknown keys."""
+    """Base of every technique config: frozen, strict about unknown keys and about types.
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    Strict types: ``epochs: true`` or ``epochs: "3"`` is an error, not 1 or 3 (an int still fills
+    a float field), and NaN and infinity are refused. YAML and JSON have no tuples, so a list
+    given for a tuple field is taken as that tuple.
+    """
 
-    technique: str
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, strict=True, allow_inf_nan=False
+    )
+
+    technique: str = Field(description="the technique this step runs (`shrinkml techniques` lists them)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        return data
 
 
 @dataclass

@@ -83,10 +83,12 @@ def _torch_artifact(state, label, example, workdir) -> Artifact:
     from shrinkml.measure.macs import torch_macs
     from shrinkml.measure.params import torch_param_counts
     from shrinkml.models.safetensors_io import save_state_dict
+    from shrinkml.techniques.quantize_bf16 import file_metadata
 
     module = state.torch_model.eval()
     path = workdir / f"{label}.safetensors"
-    encoding = save_state_dict(module.state_dict(), path, metadata={"shrinkml.label": label})
+    # a quantize.bf16 model's file also records its architecture, so it loads on its own
+    encoding = save_state_dict(module.state_dict(), path, metadata={"shrinkml.label": label, **file_metadata(module)})
     params, nonzero = torch_param_counts(module)
     macs = torch_macs(module, torch.as_tensor(example[:1]))
     return Artifact(label, "torch", path, params, nonzero, macs, module=module, encoding=encoding)

@@ -87,7 +87,8 @@ def test_plain_classifier_dir_loads_as_classifier(tmp_path, loaded):
         ("no_modules_or_config", "neither modules.json nor config.json"),
         ("bad_modules_json", "modules.json"),
         ("no_pooling_config", "1_Pooling"),
-        ("no_weights", "could not load the model"),
+        ("no_weights", "no safetensors weights"),
+        ("pickle_weights", "SentenceTransformer as S; S(sys.argv[1]).save("),  # refused, with the conversion command
     ],
 )
 def test_broken_model_dir_is_an_input_error(tmp_path, breakage, needle):
@@ -100,6 +101,8 @@ def test_broken_model_dir_is_an_input_error(tmp_path, breakage, needle):
         (broken / "modules.json").write_text("[{not json")
     elif breakage == "no_pooling_config":
         (broken / "1_Pooling" / "config.json").unlink()
+    elif breakage == "pickle_weights":
+        (broken / "model.safetensors").rename(broken / "pytorch_model.bin")  # never opened
     else:
         (broken / "model.safetensors").unlink()
     with pytest.raises(InputError) as info:
@@ -200,7 +203,7 @@ def test_cli_compress_minilm_quantize_dynamic(tmp_path, loaded):
     out = tmp_path / "out"
     code = main([
         "compress", "--model", MODEL_DIR, "--data", str(tmp_path / "texts.txt"), "--task", "embedding",
-        "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out), "--repeats", "10", "--batch-n", "8",
+        "--recipe", str(tmp_path / "recipe.yaml"), "--out", str(out), "--repeats", "10", "--max-timing-s", "0", "--batch-n", "8",
         "--max-length", "24", "--threads", "2", "--json",
     ])
     assert code == 0
@@ -253,7 +256,7 @@ def test_compress_torch_result_writes_a_loadable_sentence_transformers_dir(tmp_p
     import shrinkml
     from shrinkml.api import RunSettings
 
-    settings = RunSettings(repeats=10, warmup=1, batch_n=8, threads=2, bootstrap_resamples=300,
+    settings = RunSettings(repeats=10, max_timing_s=0, warmup=1, batch_n=8, threads=2, bootstrap_resamples=300,
                            measure_memory=False, max_length=32)
     (tmp_path / "texts.txt").write_text("\n".join(generate_texts(60, seed=5)), encoding="utf-8")
     result = shrinkml.compress(
@@ -320,7 +323,7 @@ def test_cli_compress_minilm_fast_recipe_writes_int8_file_and_a_plain_sentence_t
     (tmp_path / "texts.txt").write_text("\n".join(generate_texts(40, seed=5)), encoding="utf-8")
     out = tmp_path / "out"
     args = ["compress", "--model", MODEL_DIR, "--data", str(tmp_path / "texts.txt"), "--task", "embedding",
-            "--recipe", recipe, "--out", str(out), "--repeats", "10", "--batch-n", "8", "--max-length", "24",
+            "--recipe", recipe, "--out", str(out), "--repeats", "10", "--max-timing-s", "0", "--batch-n", "8", "--max-length", "24",
             "--threads", "2", "--json"]
     assert main(args) == 2  # the default runtime cannot run bfloat16: a clear input error, nothing written
     assert not out.exists()
@@ -339,6 +342,56 @@ def test_cli_compress_minilm_fast_recipe_writes_int8_file_and_a_plain_sentence_t
     ids = torch.as_tensor(np.array([[101, 2023, 2003, 1037, 3231, 102]]))
     with torch.inference_mode():
         assert _cos(rebuilt(ids).numpy(), original(ids).numpy()).min() > 0.995
+
+
+_LOAD_ALONE = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+from shrinkml.techniques.quantize_bf16 import load_int8
+with torch.inference_mode():
+    np.save("out.npy", load_int8("model.safetensors")(torch.as_tensor(np.load("ids.npy"))).numpy())
+"""
+
+
+def test_quantize_bf16_file_alone_is_the_model_in_a_fresh_process(tmp_path, loaded):
+    """The INT8 file of the real MiniLM is all a deployment needs: copied alone into an empty folder
+    and loaded offline in a new interpreter (no original directory), it computes exactly what the
+    quantized model computed in this process; its metadata costs a few kilobytes."""
+    import subprocess
+
+    import torch
+
+    from shrinkml.data.arrays import ArrayData
+    from shrinkml.models.hf import tokenize
+    from shrinkml.models.safetensors_io import save_state_dict
+    from shrinkml.techniques.base import ModelState
+    from shrinkml.techniques.quantize_bf16 import QuantizeBf16Config, apply, save_int8
+    from tests.conftest import make_ctx
+
+    ids = tokenize(loaded.text.tokenizer, TEXTS[:8], 24)
+    ctx = make_ctx(loaded.module, tmp_path, task="fidelity", data=ArrayData(np.concatenate([ids] * 4)))
+    q = apply(ModelState("torch", torch_model=loaded.module), QuantizeBf16Config(), ctx).state.torch_model
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    size = save_int8(q, alone / "model.safetensors")["bytes"]
+    tensors_only = save_state_dict(q.state_dict(), tmp_path / "tensors.safetensors")["bytes"]
+    assert 0 < size - tensors_only < 10_000  # the config and settings
+    assert size < 0.26 * os.path.getsize(os.path.join(MODEL_DIR, "model.safetensors"))
+    np.save(alone / "ids.npy", ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the fresh process: the same bfloat16 sums
+    try:
+        with torch.inference_mode():
+            expected = q(torch.as_tensor(ids)).numpy()
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(alone / "hf")}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_ALONE], check=False, cwd=alone, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(alone / "out.npy")
+    assert got.shape == (8, 384) and np.array_equal(got, expected)
+    assert _cos(got, _encode(loaded.module, ids)).min() > 0.995
 
 
 def test_model_dir_onnx_has_the_hugging_face_layout(tmp_path, loaded):

@@ -84,12 +84,6 @@ def _text_outputs(
     return files, manifest
 
 
-def _has_int8(module) -> bool:
-    from shrinkml.techniques.quantize_bf16 import has_int8_modules
-
-    return has_int8_modules(module)
-
-
 def output_files(
     artifact, recipe: Recipe, report: dict, loaded, state=None, workdir: Path | None = None,
     progress: Progress = SILENT,
@@ -100,6 +94,7 @@ def output_files(
     from shrinkml.report import dumps_report, validate_report
     from shrinkml.report.html import render_html
     from shrinkml.report.markdown import render_markdown
+    from shrinkml.techniques.quantize_bf16 import is_bf16_model, load_instruction
 
     validate_report(report)
     model_name = "model" + artifact.path.suffix
@@ -116,11 +111,8 @@ def output_files(
             " model after fit_module_to_state_dict"
         ),
     }
-    if state is not None and state.kind == "torch" and _has_int8(state.torch_model):
-        manifest["load"] = (
-            "shrinkml.techniques.quantize_bf16.load_int8(original_float32_model, 'model.safetensors')"
-            " (INT8 codes; bfloat16 compute)"
-        )
+    if state is not None and state.kind == "torch" and is_bf16_model(state.torch_model):
+        manifest["load"] = load_instruction(state.torch_model)
     extra: dict[str, Path] = {}
     if getattr(loaded, "text", None) is not None and state is not None and workdir is not None:
         extra, text_manifest = _text_outputs(

@@ -12,6 +12,13 @@ module is built (or loaded) the codes are dequantized once into the bfloat16 wei
 so memory holds the codes and the bfloat16 weight; the report's peak-memory figure shows it.
 ``weights: bfloat16`` stores the bfloat16 weights themselves (half the float32 bytes).
 
+The file is self-contained: besides every tensor (codes, scales, the other weights in bfloat16) its
+metadata holds what builds the architecture without the original weights: for Hugging Face models the
+transformers config and the ``TextEncoder`` settings (kind, pooling, normalize, pad id), so
+``load_int8("model.safetensors")`` needs nothing else; for factory models the architecture is the
+user's code, ``load_int8("model.safetensors", model=factory())``, and the factory's weights are never
+read (every parameter and buffer must come from the file). ``save_int8`` writes such a file.
+
 Inputs that are floating point are cast to bfloat16 and outputs back to float32, so callers see
 float32 as before. Whether the CPU has native bfloat16 is read from the machine and stated in the
 summary: without it PyTorch emulates bfloat16 and the step makes the model slower, which the
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import json
+import os
 from typing import Any, Literal
 
 import torch
@@ -36,7 +45,13 @@ from pydantic import Field
 from torch import nn
 
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import (
+    ModelState,
+    StepConfig,
+    StepContext,
+    StepResult,
+    register,
+)
 
 WHERE = "quantize.bf16"
 
@@ -44,11 +59,20 @@ WHERE = "quantize.bf16"
 class QuantizeBf16Config(StepConfig):
     """bfloat16 compute in PyTorch; Linear (and embedding) weights stored as INT8 codes or bfloat16."""
 
-    technique: Literal["quantize.bf16"] = "quantize.bf16"
-    weights: Literal["int8", "bfloat16"] = Field("int8", description="how weights are stored on disk")
-    quantize_embeddings: bool = Field(True, description="nn.Embedding tables as INT8 codes too (weights: int8)")
+    technique: Literal["quantize.bf16"] = Field("quantize.bf16", description="the technique this step runs")
+    weights: Literal["int8", "bfloat16"] = Field(
+        "int8",
+        description="how Linear (and embedding) weights are stored on disk: int8 = symmetric per-output-channel"
+        " INT8 codes with float32 scales (about 1/4 of float32), bfloat16 = the bfloat16 weights (1/2);"
+        " computation is bfloat16 either way",
+    )
+    quantize_embeddings: bool = Field(
+        True, description="store nn.Embedding tables as per-row INT8 codes too (weights: int8 only)"
+    )
     keep_float: tuple[str, ...] = Field(
-        (), description="module-name globs whose weights stay bfloat16 instead of INT8 (weights: int8)"
+        (),
+        description="module-name globs (fnmatch, e.g. 'classifier.*') of Linear / Embedding layers stored as"
+        " bfloat16 instead of INT8 (weights: int8 only); every glob must match a module",
     )
 
 
@@ -67,8 +91,12 @@ class _Int8Weight(nn.Module):
     """Holds ``weight_int8`` codes and ``weight_scale`` (saved) and the bfloat16 ``weight`` made from
     them (not saved: rebuilt from the codes on load)."""
 
-    def _init_codes(self, weight: torch.Tensor) -> None:
-        codes, scale = _int8_codes(weight)
+    def _init_codes(self, weight: torch.Tensor, values: bool) -> None:
+        if values:
+            codes, scale = _int8_codes(weight)
+        else:  # shapes only, on the meta device: load_int8 assigns the file's tensors
+            codes = torch.empty(weight.shape, dtype=torch.int8, device="meta")
+            scale = torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
         self.register_buffer("weight_int8", codes)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("weight", self.dequantized(), persistent=False)
@@ -83,14 +111,19 @@ def _refresh_weight(module: _Int8Weight, _incompatible: Any) -> None:
 
 
 class Int8Linear(_Int8Weight):
-    """``nn.Linear`` computing in bfloat16 with a weight stored as per-output-channel INT8 codes."""
+    """``nn.Linear`` computing in bfloat16 with a weight stored as per-output-channel INT8 codes.
+    ``values=False`` takes only ``linear``'s shapes (tensors on the meta device, never reading it)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, *, values: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_codes(linear.weight)
-        bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
-        self.bias = bias
+        self._init_codes(linear.weight, values)
+        if linear.bias is None:
+            self.bias = None
+        else:
+            bias = linear.bias.detach().to(torch.bfloat16) if values else torch.empty(
+                linear.bias.shape, dtype=torch.bfloat16, device="meta")
+            self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -105,13 +138,14 @@ class Int8Linear(_Int8Weight):
 
 
 class Int8Embedding(_Int8Weight):
-    """``nn.Embedding`` whose table is stored as per-row INT8 codes, looked up in bfloat16."""
+    """``nn.Embedding`` whose table is stored as per-row INT8 codes, looked up in bfloat16.
+    ``values=False`` takes only ``embedding``'s shapes (as for ``Int8Linear``)."""
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    def __init__(self, embedding: nn.Embedding, *, values: bool = True) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
-        self._init_codes(embedding.weight)
+        self._init_codes(embedding.weight, values)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight, self.padding_idx)
@@ -140,28 +174,281 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     return out
 
 
-def load_int8(model: nn.Module, path: str) -> nn.Module:
-    """Load a ``quantize.bf16`` ``model.safetensors`` into ``model`` (the original float32 architecture,
-    e.g. from the factory or ``AutoModel``): the layers stored as INT8 become INT8 modules, the rest
-    bfloat16, with float32 in and out. Returns the loaded model (a copy; ``model`` is left as it was).
+# --- the self-contained file ----------------------------------------------------------------------
 
-    >>> q = load_int8(my_factory(), "out/model.safetensors")  # doctest: +SKIP
+FORMAT = "shrinkml.quantize_bf16/1"
+_FORMAT_KEY = "shrinkml.format"
+_ARCH_KEY = "shrinkml.architecture"
+# attributes prune.heads changes on a BERT self-attention, which its transformers config cannot express
+_HEAD_ATTRS = ("num_attention_heads", "all_head_size")
+
+
+def is_bf16_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``quantize.bf16`` output (INT8 modules or its bfloat16 input hook)."""
+    return has_int8_modules(model) or any(h is _inputs_to_bf16 for h in model._forward_pre_hooks.values())
+
+
+def _is_transformers_model(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.") and hasattr(getattr(module, "config", None), "to_json_string")
+
+
+def file_metadata(model: nn.Module) -> dict[str, str]:
+    """Safetensors metadata that makes a ``quantize.bf16`` output's file loadable on its own with
+    ``load_int8``: the format and the architecture (JSON). ``{}`` for any other model.
+
+    For a Hugging Face model (or a ``TextEncoder`` around one): its transformers class and config, its
+    attention implementation and the ``TextEncoder`` settings; for any other module only its class
+    name (for the reader: the user's factory builds it). Either way, the modules the step removed
+    (``None`` children, e.g. an embedding model's unused pooler) and, for head-pruned attention, the
+    head counts the config cannot express.
     """
-    from shrinkml.models.safetensors_io import load_state_dict
+    if not is_bf16_model(model):
+        return {}
+    from shrinkml.models.text import TextEncoder
 
+    removed = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        for name, child in module._modules.items()
+        if child is None
+    ]
+    transformer = model.transformer if isinstance(model, TextEncoder) else model
+    arch: dict[str, Any]
+    if _is_transformers_model(transformer):
+        config = transformer.config
+        cfg = json.loads(config.to_json_string(use_diff=False))
+        cfg.pop("_name_or_path", None)  # a local path of the original: not needed, not to be shared
+        heads = {
+            name: {a: int(getattr(m, a)) for a in _HEAD_ATTRS}
+            for name, m in model.named_modules()
+            if all(isinstance(getattr(m, a, None), int) for a in _HEAD_ATTRS)
+            and int(m.num_attention_heads) != int(getattr(config, "num_attention_heads", m.num_attention_heads))
+        }
+        arch = {
+            "builder": "transformers",
+            "class": type(transformer).__name__,
+            "config": cfg,
+            "attn_implementation": getattr(config, "_attn_implementation", None),
+            "attention_heads": heads,
+        }
+        if isinstance(model, TextEncoder):
+            arch["text_encoder"] = {
+                "kind": model.kind, "pooling": model.pooling, "normalize": bool(model.normalize),
+                "pad_token_id": int(model.pad_token_id),
+            }
+    else:
+        arch = {"builder": "factory", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    arch["removed_modules"] = removed
+    return {_FORMAT_KEY: FORMAT, _ARCH_KEY: json.dumps(arch, sort_keys=True)}
+
+
+def save_int8(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> dict:
+    """Write a ``quantize.bf16`` output as one self-contained safetensors file (every tensor plus
+    ``file_metadata``), atomically. Returns ``save_state_dict``'s summary (``bytes`` on disk).
+
+    >>> save_int8(result.state.torch_model, "model.safetensors")  # doctest: +SKIP
+    """
+    from shrinkml.models.safetensors_io import save_state_dict
+
+    if not is_bf16_model(model):
+        raise InputError(
+            "save_int8 writes quantize.bf16 outputs only",
+            where="save_int8(model)",
+            expected="the model a quantize.bf16 step returned",
+            found=f"a {type(model).__name__} without INT8 modules or bfloat16 hooks",
+            fix="apply quantize.bf16 first, or save other models with save_state_dict",
+        )
+    return save_state_dict(model.state_dict(), path, metadata={**(metadata or {}), **file_metadata(model)})
+
+
+def load_instruction(model: nn.Module, file: str = "model.safetensors") -> str:
+    """How a user loads ``model``'s file (for the run's manifest): the file alone for Hugging Face
+    models, the file plus the factory's architecture otherwise."""
+    arch = json.loads(file_metadata(model).get(_ARCH_KEY, '{"builder": "factory"}'))
+    if arch["builder"] == "transformers":
+        return (f"shrinkml.techniques.quantize_bf16.load_int8({file!r}) (self-contained: INT8 codes, scales,"
+                " bfloat16 weights and the transformers config in one file; bfloat16 compute)")
+    return (f"shrinkml.techniques.quantize_bf16.load_int8({file!r}, model=factory()) (the factory builds the"
+            " architecture, its weights are never read; every tensor comes from the file; bfloat16 compute)")
+
+
+def _architecture(path: str) -> dict[str, Any] | None:
+    """The file's architecture record, None for a file written before it had one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    if _FORMAT_KEY not in metadata and _ARCH_KEY not in metadata:
+        return None
+    bad = None
+    if metadata.get(_FORMAT_KEY) != FORMAT:
+        bad = f"{_FORMAT_KEY} = {str(metadata.get(_FORMAT_KEY))[:80]!r}"
+    else:
+        try:
+            arch = json.loads(metadata.get(_ARCH_KEY, ""))
+        except (ValueError, RecursionError):
+            arch = None
+        if not isinstance(arch, dict) or arch.get("builder") not in ("transformers", "factory"):
+            bad = f"an unreadable {_ARCH_KEY}"
+        elif not isinstance(arch.get("removed_modules", []), list) or not isinstance(arch.get("attention_heads", {}), dict):
+            bad = f"malformed removed_modules / attention_heads in {_ARCH_KEY}"
+    if bad:
+        raise InputError(
+            "the file's shrinkml metadata cannot be read",
+            where=str(path),
+            expected=f"{_FORMAT_KEY} = {FORMAT!r} with a JSON {_ARCH_KEY}",
+            found=bad,
+            fix="write the file again with this shrinkml version (quantize.bf16), or pass model= the architecture",
+        )
+    return arch
+
+
+def _build_transformers(arch: dict[str, Any], where: str) -> nn.Module:
+    """The architecture from the stored transformers config: no weights read or downloaded."""
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(
+            "this file holds a Hugging Face model; building it needs the transformers package",
+            where=where, fix="pip install 'shrinkml[text]'",
+        ) from None
+    from shrinkml.models.text import TextEncoder
+
+    cfg, name = arch.get("config"), arch.get("class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)) or not isinstance(cfg, dict):
+        raise InputError(
+            "the file's architecture is not a transformers model class with a config",
+            where=where,
+            expected="a transformers model class (e.g. BertModel) and its config",
+            found=f"class {str(name)[:80]!r}",
+            fix=f"use the transformers version that wrote it (metadata says {cfg.get('transformers_version') if isinstance(cfg, dict) else '?'}),"
+            " or pass model= the architecture",
+        )
+    try:
+        config = transformers.AutoConfig.for_model(**cfg)
+        if arch.get("attn_implementation"):
+            config._attn_implementation = arch["attn_implementation"]
+        transformer = cls(config)
+    except Exception as exc:  # config keys of another transformers version, unknown model_type, ...
+        raise InputError(
+            f"transformers could not build {name} from the stored config ({type(exc).__name__}: {str(exc)[:200]})",
+            where=where,
+            fix=f"install the transformers version that wrote the file ({cfg.get('transformers_version')}),"
+            " or pass model= the architecture",
+        ) from None
+    text = arch.get("text_encoder")
+    if text is None:
+        return transformer
+    ok = (isinstance(text, dict) and text.get("kind") in ("embedding", "classifier")
+          and text.get("pooling") in ("mean", "cls", "max") and isinstance(text.get("normalize"), bool)
+          and isinstance(text.get("pad_token_id"), int))
+    if not ok:
+        raise InputError(
+            "the file's TextEncoder settings are malformed", where=where,
+            expected="kind embedding|classifier, pooling mean|cls|max, normalize true|false, an integer pad_token_id",
+            found=json.dumps(text)[:200], fix="write the file again with quantize.bf16",
+        )
+    return TextEncoder(transformer, **text)
+
+
+def _remove_module(root: nn.Module, name: str, where: str) -> None:
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_name) if parent_name else root
+    except AttributeError:
+        parent = None
+    if parent is None or child not in parent._modules:
+        raise InputError(
+            "a module the file says was removed is not in the architecture",
+            where=where, found=name, fix="pass model= the architecture the file was written from",
+        )
+    setattr(parent, child, None)
+
+
+def load_int8(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a ``quantize.bf16`` safetensors file: the layers stored as INT8 become INT8 modules, the
+    rest bfloat16, with float32 in and out.
+
+    Hugging Face models need only the file (the architecture is built from the transformers config in
+    its metadata; the result is a ``TextEncoder`` taking token ids, or the bare transformers model).
+    Factory models need their architecture: ``model=factory()``, whose weights are never read (build
+    it on the meta device to skip allocating them, ``with torch.device("meta"): m = factory()``); every
+    parameter and persistent buffer must come from the file. ``model`` is left as it was (a copy is
+    loaded). ``load_int8(model, path)``, the older argument order, still works.
+
+    >>> encoder = load_int8("out/model.safetensors")  # doctest: +SKIP
+    >>> net = load_int8("out/model.safetensors", model=my_factory())  # doctest: +SKIP
+    """
+    from shrinkml.models.safetensors_io import fit_module_to_state_dict, load_state_dict
+
+    if isinstance(path, nn.Module):  # load_int8(model, path)
+        path, model = model, path
+    where = str(path)
     state = load_state_dict(path)
-    out = copy.deepcopy(model).eval()
-    if not any(k.startswith("transformer.pooler.") for k in state):
-        _drop_unused_pooler(out)
-    for name in [k[: -len(".weight_int8")] for k in state if k.endswith(".weight_int8")]:
-        module = out.get_submodule(name)
-        _set(out, name, Int8Linear(module) if isinstance(module, nn.Linear) else Int8Embedding(module))
-    scales = {id(m): m.weight_scale for m in out.modules() if isinstance(m, _Int8Weight)}
-    out = out.to(torch.bfloat16)
-    for module in out.modules():
-        if isinstance(module, _Int8Weight):
-            module.weight_scale = scales[id(module)]
-    out.load_state_dict(state)
+    arch = _architecture(where)
+    if model is None:
+        if arch is None or arch["builder"] != "transformers":
+            raise InputError(
+                "this file does not say how to build its model",
+                where=where,
+                expected="a Hugging Face model's file (its config is in the metadata)",
+                found="a factory model's file" if arch else "a file without shrinkml's architecture metadata (older shrinkml)",
+                fix="pass the architecture: load_int8(path, model=factory())",
+            )
+        out = _build_transformers(arch, where).eval()
+    else:
+        out = copy.deepcopy(model).eval()
+    if arch is None:  # files written before the metadata: the one module quantize.bf16 removes
+        if not any(k.startswith("transformer.pooler.") for k in state):
+            _drop_unused_pooler(out)
+    else:
+        for name in arch.get("removed_modules", []):
+            _remove_module(out, str(name), where)
+        for name, attrs in arch.get("attention_heads", {}).items():
+            module = out.get_submodule(name)
+            for attr in _HEAD_ATTRS:
+                setattr(module, attr, int(attrs[attr]))
+    int8 = [k[: -len(".weight_int8")] for k in state if k.endswith(".weight_int8")]
+    # shapes changed by pruning before the step: size the layers to the file (INT8 codes = the weight)
+    fit_module_to_state_dict(out, {(k[: -len("_int8")] if k.endswith(".weight_int8") else k): v for k, v in state.items()})
+    for name in int8:
+        try:
+            module = out.get_submodule(name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.Linear | nn.Embedding):
+            raise InputError(
+                "the file has INT8 codes for a layer the architecture does not have as Linear / Embedding",
+                where=f"{where}, tensor {name}.weight_int8",
+                found=type(module).__name__ if module is not None else "no such module",
+                fix="pass model= the architecture the file was written from",
+            )
+        _set(out, name, (Int8Linear if isinstance(module, nn.Linear) else Int8Embedding)(module, values=False))
+    out = out.to(torch.bfloat16)  # what the step did: float non-persistent buffers compute in bfloat16 too
+    try:  # assign: the file's tensors (and dtypes) become the model's, nothing of `model` is read
+        result = out.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise InputError(
+            "the file's tensors do not fit the architecture", where=where,
+            found=str(exc).splitlines()[-1][:300], fix="pass model= the architecture the file was written from",
+        ) from None
+    problems = []
+    for label, keys in (("missing from the file", result.missing_keys), ("not in the architecture", result.unexpected_keys)):
+        if keys:
+            problems.append(f"{label}: " + ", ".join(keys[:5]) + (f" (+{len(keys) - 5})" if len(keys) > 5 else ""))
+    empty = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t.is_meta]
+    if empty and not problems:
+        problems.append("no value (the model was built on the meta device): " + ", ".join(empty[:5]))
+    if problems:
+        raise InputError(
+            "the file and the architecture do not match tensor for tensor",
+            where=where,
+            expected="every parameter and buffer of the architecture in the file, and nothing else",
+            found="; ".join(problems),
+            fix="pass model= the architecture the file was written from (built on the CPU if it has"
+            " non-persistent buffers)",
+        )
     out.register_forward_pre_hook(_inputs_to_bf16)
     out.register_forward_hook(_output_to_float32)
     return out
@@ -198,11 +485,9 @@ def _drop_unused_pooler(model: nn.Module) -> list[str]:
 
 def cpu_native_bf16() -> bool:
     """Whether this CPU has bfloat16 matrix or vector instructions (x86 AMX / AVX512-BF16, Arm BF16)."""
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("amx_bf16", "avx512_bf16", " bf16"))
+    from shrinkml.environment import cpu_flags
+
+    return bool((cpu_flags() or set()) & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
 @register("quantize.bf16", QuantizeBf16Config, accepts=("torch",), produces="torch", runtime="torch")

@@ -152,3 +152,194 @@ def test_it_must_be_the_last_step():
     with pytest.raises(InputError, match="comes after quantize.bf16") as info:
         recipe.check_model_kind("torch")
     assert info.value.where == "steps[1]" and "last step" in str(info.value)
+
+
+# --- the file is self-contained: loaded in a fresh process from the file alone -------------------
+
+# loads each (file, ids, out) triple with only the file; a factory model's architecture comes from
+# the factory's code (shrinkml.examples.bert), never from weights
+_LOAD_ALONE = """
+import sys, numpy as np, torch
+torch.set_num_threads(1)
+from shrinkml.techniques.quantize_bf16 import load_int8
+args = sys.argv[1:]
+for file, ids, out in zip(args[0::3], args[1::3], args[2::3]):
+    if file.startswith("factory:"):
+        from shrinkml.examples.bert import bert_encoder
+        model = load_int8(file[len("factory:"):], model=bert_encoder(hidden=64, layers=2, heads=4, vocab=300,
+                                                                       intermediate=128, seed=99))
+    else:
+        model = load_int8(file)
+    with torch.inference_mode():
+        np.save(out, model(torch.as_tensor(np.load(ids))).numpy())
+"""
+
+
+def _outputs_in_fresh_process(tmp_path, cases):
+    """cases: [(file, ids)] -> the outputs of load_int8(file) in a new interpreter whose working
+    folder holds nothing but the copied files (offline: nothing else can be read or fetched)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    args = []
+    for i, (file, ids) in enumerate(cases):
+        factory = str(file).startswith("factory:")
+        src = str(file)[len("factory:"):] if factory else str(file)
+        dest = alone / f"m{i}.safetensors"
+        shutil.copyfile(src, dest)
+        np.save(alone / f"ids{i}.npy", ids)
+        args += [("factory:" if factory else "") + dest.name, f"ids{i}.npy", f"out{i}.npy"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(alone / "hf")}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_ALONE, *args], check=False, cwd=alone, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in alone.glob("*.safetensors")) == [f"m{i}.safetensors" for i in range(len(cases))]
+    return [np.load(alone / f"out{i}.npy") for i in range(len(cases))]
+
+
+def _single_thread_outputs(model, ids):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the fresh process: bfloat16 sums are then the same bits
+    try:
+        with torch.inference_mode():
+            return model(torch.as_tensor(ids)).numpy()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def tiny_hf_encoder(kind="embedding", seed=0):
+    """A small random transformers BERT in a TextEncoder (as load_hf_dir builds it)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from shrinkml.models.text import TextEncoder
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, num_labels=3)
+    transformer = (BertForSequenceClassification if kind == "classifier" else BertModel)(config).eval()
+    return TextEncoder(transformer, kind=kind, pooling="cls" if kind == "classifier" else "mean",
+                       normalize=kind == "embedding", pad_token_id=0).eval()
+
+
+def _hf_ctx(model, tmp_path):
+    ids = np.random.default_rng(0).integers(1, 300, (60, 16)).astype(np.int64)
+    ids[::2, 12:] = 0  # padding: the pad id must come back from the file too
+    return ids, make_ctx(model, tmp_path, task="fidelity", data=ArrayData(ids))
+
+
+def test_the_file_alone_rebuilds_hf_and_factory_models_in_a_fresh_process(tmp_path):
+    from shrinkml.techniques.quantize_bf16 import file_metadata, save_int8
+
+    cases, expected = [], []
+    for kind in ("embedding", "classifier"):
+        model = tiny_hf_encoder(kind)
+        ids, ctx = _hf_ctx(model, tmp_path)
+        q = apply(ModelState("torch", torch_model=model), QuantizeBf16Config(), ctx).state.torch_model
+        path = tmp_path / f"{kind}.safetensors"
+        summary = save_int8(q, path)
+        assert summary["bytes"] == path.stat().st_size  # the metadata is in the size reported
+        assert "_name_or_path" not in file_metadata(q)["shrinkml.architecture"]
+        cases.append((path, ids[:6]))
+        expected.append(_single_thread_outputs(q, ids[:6]))
+    factory, ctx = setup(tmp_path)
+    q = apply(ModelState("torch", torch_model=factory), QuantizeBf16Config(keep_float=("embeddings.position",)),
+              ctx).state.torch_model
+    save_int8(q, tmp_path / "factory.safetensors")
+    ids = np.asarray(ctx.splits.test.x[:4])
+    cases.append((f"factory:{tmp_path / 'factory.safetensors'}", ids))
+    expected.append(_single_thread_outputs(q, ids))
+
+    got = _outputs_in_fresh_process(tmp_path, cases)
+    assert [g.shape for g in got] == [(6, 64), (6, 3), (4, 64)]
+    for g, e in zip(got, expected):
+        assert g.dtype == np.float32 and np.array_equal(g, e)
+
+
+def test_hf_file_loads_in_process_as_the_same_text_encoder(tmp_path):
+    """bfloat16 weights too, and the pooler quantize.bf16 dropped stays dropped."""
+    from shrinkml.models.text import TextEncoder
+    from shrinkml.techniques.quantize_bf16 import load_int8, save_int8
+
+    model = tiny_hf_encoder()
+    ids, ctx = _hf_ctx(model, tmp_path)
+    for weights in ("int8", "bfloat16"):
+        q = apply(ModelState("torch", torch_model=model), QuantizeBf16Config(weights=weights), ctx).state.torch_model
+        save_int8(q, tmp_path / f"{weights}.safetensors")
+        loaded = load_int8(tmp_path / f"{weights}.safetensors")
+        assert isinstance(loaded, TextEncoder) and loaded.transformer.pooler is None
+        assert (loaded.kind, loaded.pooling, loaded.normalize, loaded.pad_token_id) == ("embedding", "mean", True, 0)
+        assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == (12 if weights == "int8" else 0)
+        x = torch.as_tensor(ids[:4])
+        with torch.inference_mode():
+            assert torch.equal(loaded(x), q(x))
+
+
+def test_head_pruned_hf_model_loads_from_the_file_alone(tmp_path):
+    """prune.heads leaves shapes the transformers config cannot express: the file records them."""
+    from shrinkml.techniques.prune_transformer import PruneHeadsConfig, apply_heads
+    from shrinkml.techniques.quantize_bf16 import load_int8, save_int8
+
+    model = tiny_hf_encoder()
+    ids, ctx = _hf_ctx(model, tmp_path)
+    pruned = apply_heads(ModelState("torch", torch_model=model), PruneHeadsConfig(head_ratio=0.5), ctx).state
+    q = apply(pruned, QuantizeBf16Config(), ctx).state.torch_model
+    save_int8(q, tmp_path / "q.safetensors")
+    loaded = load_int8(tmp_path / "q.safetensors")
+    assert loaded.transformer.encoder.layer[0].attention.self.num_attention_heads == 2
+    x = torch.as_tensor(ids[:4])
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), q(x))
+
+
+def test_factory_weights_are_never_read_and_every_tensor_must_come_from_the_file(tmp_path):
+    from shrinkml.techniques.quantize_bf16 import load_int8, save_int8
+
+    model, ctx = setup(tmp_path)
+    q = apply(ModelState("torch", torch_model=model), QuantizeBf16Config(), ctx).state.torch_model
+    path = tmp_path / "q.safetensors"
+    save_int8(q, path)
+    with pytest.raises(InputError, match="does not say how to build") as info:
+        load_int8(path)
+    assert "model=factory()" in str(info.value)
+
+    class Doubled(torch.nn.Module):  # the same layers under another name
+        def __init__(self):
+            super().__init__()
+            self.inner = bert_encoder(hidden=64, layers=2, heads=4, vocab=300, intermediate=128)
+            self.extra = torch.nn.Parameter(torch.zeros(3))
+
+    other = bert_encoder(hidden=64, layers=2, heads=4, vocab=300, intermediate=128)
+    other.extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(InputError, match="do not match tensor for tensor") as info:
+        load_int8(path, model=other)
+    assert "missing from the file: extra" in str(info.value)
+    with pytest.raises(InputError, match="INT8 codes for a layer the architecture does not have") as info:
+        load_int8(path, model=Doubled())  # every name moved one level down
+    assert "weight_int8" in str(info.value) and "no such module" in str(info.value)
+
+    # built on the meta device, the factory allocates nothing; what only its constructor computes (a
+    # non-persistent buffer) is named instead of running with garbage
+    with torch.device("meta"):
+        meta = bert_encoder(hidden=64, layers=2, heads=4, vocab=300, intermediate=128)
+    with pytest.raises(InputError, match="meta device") as info:
+        load_int8(path, model=meta)
+    assert "embeddings.position_ids" in str(info.value)
+
+
+def test_unreadable_shrinkml_metadata_is_an_input_error(tmp_path):
+    from shrinkml.techniques.quantize_bf16 import load_int8
+
+    model, ctx = setup(tmp_path)
+    q = apply(ModelState("torch", torch_model=model), QuantizeBf16Config(), ctx).state.torch_model
+    save_state_dict(q.state_dict(), tmp_path / "bad.safetensors",
+                    metadata={"shrinkml.format": "shrinkml.quantize_bf16/1", "shrinkml.architecture": "[1, 2"})
+    with pytest.raises(InputError, match="metadata cannot be read"):
+        load_int8(tmp_path / "bad.safetensors", model=model)
+
+
+def test_every_config_field_is_described():
+    assert all(f.description for f in QuantizeBf16Config.model_fields.values())

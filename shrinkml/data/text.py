@@ -69,7 +69,7 @@ def read_jsonl(path: Path) -> tuple[list[str], np.ndarray | None]:
         if label is not None and label not in _INT64:
             raise InputError(f"line {number} has a label out of range", where=where,
                              expected="an integer class id in int64's range", found=brief(label),
-                             fix="use class ids 0, 1, 2, ...")
+                             fix="use integer class ids from 0 to the number of classes - 1")
         texts.append(row["text"])
         labels.append(label)
     if not texts:

@@ -164,14 +164,8 @@ def _check_shapes(state: dict, target: dict, path: Path) -> None:
         if isinstance(t, torch.Tensor) and isinstance(target.get(name), torch.Tensor)
         and tuple(t.shape) != tuple(target[name].shape)
     ]
-    if wrong:
-        raise InputError(
-            "weight tensors have shapes the model's layers cannot take",
-            where=f"{path}, {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}",
-            expected="each tensor shaped like the factory model's tensor of the same name",
-            found=_listing(wrong),
-            fix="pass the factory that built the model these weights were saved from",
-        )
+    _refuse_shapes(wrong, path, "weight tensors have shapes the model's layers cannot take",
+                   "each tensor shaped like the factory model's tensor of the same name")
 
 
 def _check_resizes(resized: dict, path: Path) -> None:
@@ -183,13 +177,15 @@ def _check_resizes(resized: dict, path: Path) -> None:
         for name, (built, loaded) in resized.items()
         if len(built) != len(loaded) or built[2:] != loaded[2:]
     ]
+    _refuse_shapes(wrong, path, "weight tensors differ from the factory's model in more than channel counts",
+                   "the factory's shapes, or fewer channels / features after pruning (kernel sizes unchanged)")
+
+
+def _refuse_shapes(wrong: list[str], path: Path, what: str, expected: str) -> None:
     if wrong:
         raise InputError(
-            "weight tensors differ from the factory's model in more than channel counts",
-            where=f"{path}, {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}",
-            expected="the factory's shapes, or fewer channels / features after pruning (kernel sizes unchanged)",
-            found=_listing(wrong),
-            fix="pass the factory that built the model these weights were saved from",
+            what, where=f"{path}, {len(wrong)} tensor{'s' if len(wrong) > 1 else ''}", expected=expected,
+            found=_listing(wrong), fix="pass the factory that built the model these weights were saved from",
         )
 
 

@@ -13,16 +13,17 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shrinkml.budget import Budget
 from shrinkml.cost import CostSettings
 from shrinkml.data import SplitFractions, Splits, load_data
 from shrinkml.errors import InputError
 from shrinkml.packaging import run_folder
+from shrinkml.runtimes import runtime
 from shrinkml.packaging.results import output_files
 from shrinkml.progress import SILENT, Progress
 from shrinkml.recipe import Recipe, as_recipe
@@ -37,7 +38,7 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
+    runtime: str = Field("onnxruntime", description="where the models are timed: a registered runtime")
     threads: int = Field(default_factory=_default_threads, ge=1)
     batch_n: int = Field(32, ge=2, description="the larger batch size timed besides batch 1")
     warmup: int = Field(3, ge=1)
@@ -59,6 +60,15 @@ class RunSettings(BaseModel):
         False, description="run a factory model given without weights as built (architecture benchmarking)"
     )
     splits: SplitFractions = SplitFractions()
+
+    @field_validator("runtime")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from shrinkml.runtimes import runtime_names
+
+        if name not in runtime_names():
+            raise ValueError(f"unknown runtime {name!r}; registered: {', '.join(runtime_names())}")
+        return name
     cost: CostSettings = CostSettings()
 
 
@@ -227,12 +237,14 @@ def _compress_in(folder, model, recipe, data, task, weights, out, budget, settin
     task_obj, loaded, splits, example = _prepare(model, data, task, weights, settings)
     recipe.check_model_kind(loaded.kind)
     techniques = registry()
+    measured_on = runtime(settings.runtime)
     for i, step in enumerate(recipe.steps):
-        if settings.runtime == "torch" and techniques[step.technique].produces == "onnx":
+        produces = techniques[step.technique].produces
+        if produces is not None and produces not in measured_on.accepts:
             raise InputError(
-                f"{step.technique} produces an ONNX Runtime model, which PyTorch cannot run",
-                where=f"steps[{i}] with --runtime torch",
-                fix="use --runtime onnxruntime (the default) for recipes with ONNX quantization",
+                f"{step.technique} produces an {produces.upper()} model, which {settings.runtime} cannot run",
+                where=f"steps[{i}] with --runtime {settings.runtime}",
+                fix="use --runtime onnxruntime (the default) or openvino for recipes with ONNX quantization",
             )
         needed = techniques[step.technique].runtime
         if needed is not None and needed != settings.runtime:

@@ -1,5 +1,6 @@
-"""The deployable artifact of a model state on a runtime: an ``.onnx`` file for ONNX Runtime, a
-``.safetensors`` file for PyTorch. Sizes in the report are these files' bytes on disk."""
+"""The deployable artifact of a model state on a runtime: an ``.onnx`` file for ONNX Runtime and
+OpenVINO, a ``.safetensors`` file for PyTorch. Sizes in the report are these files' bytes on disk.
+Each runtime's ``prepare`` (``shrinkml.runtimes``) calls one of the two writers here."""
 
 from __future__ import annotations
 
@@ -42,18 +43,25 @@ def build_artifact(
     opset: int = 17,
 ) -> Artifact:
     """Write ``state`` as the file a user would deploy on ``runtime`` and describe it."""
-    if runtime == "onnxruntime":
-        return _onnx_artifact(state, label, example, workdir, threads, export_tolerance, opset)
-    if state.kind != "torch":
+    from shrinkml.runtimes import runtime as get_runtime
+
+    rt = get_runtime(runtime)
+    if state.kind not in rt.accepts:
         raise InputError(
-            "the recipe produced an ONNX Runtime model, which cannot be measured on PyTorch",
-            where="--runtime torch",
+            f"the recipe produced a {state.kind} model, which cannot be measured on {runtime}",
+            where=f"--runtime {runtime}",
             fix="use --runtime onnxruntime with ONNX quantization steps",
         )
-    return _torch_artifact(state, label, example, workdir)
+    return rt.prepare(state, label, example=example, workdir=workdir, threads=threads,
+                      export_tolerance=export_tolerance, opset=opset)
 
 
-def _onnx_artifact(state, label, example, workdir, threads, tolerance, opset) -> Artifact:
+def onnx_artifact(
+    state: ModelState, label: str, runtime: str, *, example: np.ndarray, workdir: Path, threads: int,
+    tolerance: float, opset: int = 17, sparse: bool = True,
+) -> Artifact:
+    """The ``.onnx`` file of ``state`` (exported and verified when it is PyTorch); mostly-zero
+    initializers stored sparse when ``sparse`` and that makes the file smaller."""
     import onnx
 
     from shrinkml.measure.macs import onnx_macs
@@ -70,14 +78,15 @@ def _onnx_artifact(state, label, example, workdir, threads, tolerance, opset) ->
         model, diff = state.onnx_model, state.export_max_abs_diff
     input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     macs = onnx_macs(model, {input_name: [1, *example.shape[1:]]})
-    encoded, encoding = encode_sparse_initializers(model)
+    encoded, encoding = encode_sparse_initializers(model) if sparse else (model, {})
     path = workdir / f"{label}.onnx"
     onnx.save(encoded, str(path))
     params, nonzero = onnx_param_counts(encoded)
-    return Artifact(label, "onnxruntime", path, params, nonzero, macs, export_max_abs_diff=diff, encoding=encoding)
+    return Artifact(label, runtime, path, params, nonzero, macs, export_max_abs_diff=diff, encoding=encoding)
 
 
-def _torch_artifact(state, label, example, workdir) -> Artifact:
+def torch_artifact(state: ModelState, label: str, *, example: np.ndarray, workdir: Path) -> Artifact:
+    """The ``.safetensors`` state dict of a PyTorch state (sparse-encoded where smaller)."""
     import torch
 
     from shrinkml.measure.macs import torch_macs

@@ -49,9 +49,13 @@ def _command(fn):
     return app.command()(wrapper)
 
 
-class RuntimeName(str, Enum):
-    onnxruntime = "onnxruntime"
-    torch = "torch"
+def _runtime_enum() -> type[Enum]:
+    from shrinkml.core.registry import RUNTIMES  # names only: no runtime library is imported
+
+    return Enum("RuntimeName", {name: name for name in RUNTIMES.names()}, type=str)
+
+
+RuntimeName = _runtime_enum()
 
 
 class TaskName(str, Enum):
@@ -152,7 +156,11 @@ COMMON = {
     "data": typer.Option(..., help=".npz with x and y (or x_calibration/x_finetune/x_test), package.module:function, builtin:digits; for text models .txt, .jsonl or builtin:texts."),
     "task": typer.Option(TaskName.classification, help="classification (accuracy against labels), fidelity (label-free closeness to the original) or embedding (text embedding models: cosine, worst-5%, top-10 neighbours)."),
     "weights": typer.Option(None, help="Trained weights (.safetensors) for a factory model; pickles are refused."),
-    "runtime": typer.Option(RuntimeName.onnxruntime, help="Where the models are timed."),
+    "runtime": typer.Option(
+        RuntimeName("onnxruntime"),
+        help="Where the models are timed: onnxruntime (CPU), openvino (CPU; pip install 'shrinkml[openvino]') or"
+        " torch (PyTorch eager).",
+    ),
     "threads": typer.Option(None, help="Threads for inference and training (default: min(cores, 4))."),
     "batch_n": typer.Option(None, "--batch-n", help="The larger batch size timed besides batch 1 (default 32)."),
     "repeats": typer.Option(None, help="Timed runs per model and batch size (>= 10, default 20)."),
@@ -259,6 +267,7 @@ def bench(
 def demo(
     out: Path = typer.Option(Path("shrinkml-out"), help="Output folder."),
     seed: int = typer.Option(0, help="Seed for the split, training and bootstrap."),
+    runtime: RuntimeName = COMMON["runtime"],
     threads: Optional[int] = COMMON["threads"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
@@ -268,7 +277,7 @@ def demo(
     from shrinkml.examples.demo import DEMO_RECIPE, build_demo_model, demo_data
 
     progress = _progress()
-    settings = _settings(seed=seed, threads=threads)
+    settings = _settings(seed=seed, threads=threads, runtime=runtime.value)
     splits = demo_data(seed)
     progress.log("training the FP32 demo CNN on the fine-tune split of the digits")
     model = build_demo_model(splits, seed=seed, progress=progress)

@@ -7,7 +7,6 @@ interleaved, so drift cancels in the ratios.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,13 +42,9 @@ class Assessment:
 
 
 def _runner(artifact, threads: int):
-    if artifact.runtime == "onnxruntime":
-        from shrinkml.runtimes.onnxruntime import OrtRunner
+    from shrinkml.runtimes import runtime
 
-        return OrtRunner(artifact.path, threads=threads)
-    from shrinkml.runtimes.torch_eager import TorchRunner
-
-    return TorchRunner(artifact.module, threads=threads)
+    return runtime(artifact.runtime).runner(artifact, threads=threads)
 
 
 def _predict(runner, data: ArrayData, batch_size: int = 256) -> np.ndarray:
@@ -63,16 +58,9 @@ def _batch(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def _peak_memory(artifact, batch: np.ndarray, threads: int, workdir) -> int:
-    from shrinkml.measure import memory
+    from shrinkml.runtimes import runtime
 
-    if artifact.runtime == "onnxruntime":
-        from shrinkml.runtimes.onnxruntime import OrtRunner
-
-        name = OrtRunner(artifact.path, threads=threads).input_name
-        return memory.peak_memory_onnx(artifact.path, {name: batch}, threads=threads)
-    module_file = workdir / f"{artifact.label}.module.pt"
-    memory.save_module_for_child(artifact.module, module_file)
-    return memory.peak_memory_torch(module_file, {"input": batch}, threads=threads, sys_path=list(sys.path))
+    return runtime(artifact.runtime).peak_memory(artifact, batch, threads=threads, workdir=workdir)
 
 
 def assess(
@@ -118,8 +106,10 @@ def assess(
         _, lo, hi = bootstrap_median_ci(np.asarray(stats.samples_ms), n_resamples=bootstrap_resamples, seed=seed)
         return {**stats.to_dict(), "p50_ci95": [lo, hi]}
 
+    from shrinkml.runtimes import runtime
+
     results = []
-    for a, out in zip(artifacts, outputs):
+    for a, r, out in zip(artifacts, runners, outputs):
         scores = task.scores(out, test, reference)
         metrics = {}
         for name, values in scores.items():
@@ -137,6 +127,7 @@ def assess(
             peak = _peak_memory(a, _batch(test.x, batch_n), threads, workdir)
         measurement = {
             "runtime": a.runtime,
+            "runtime_details": runtime(a.runtime).describe(r),
             "size_bytes": a.size_bytes,
             "params": a.params,
             "nonzero_params": a.nonzero_params,

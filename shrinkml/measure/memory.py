@@ -83,6 +83,17 @@ def peak_memory_onnx(
         return _run_child("onnx", args, [], timeout_s)
 
 
+def peak_memory_openvino(
+    model_path: Path, inputs: dict[str, np.ndarray], *, threads: int, timeout_s: float = 600.0
+) -> int:
+    """Peak RSS increase in bytes of compiling an ONNX file with OpenVINO's CPU plugin and running it twice."""
+    with tempfile.TemporaryDirectory(prefix="shrinkml-mem-", dir=Path(model_path).parent) as tmp:
+        inputs_path = Path(tmp) / "inputs.npz"
+        np.savez(inputs_path, **inputs)
+        args = {"model": str(Path(model_path).resolve()), "inputs": str(inputs_path), "threads": threads}
+        return _run_child("openvino", args, [], timeout_s)
+
+
 def peak_memory_torch(
     model_file: Path,
     inputs: dict[str, np.ndarray],
@@ -192,6 +203,24 @@ def _child_onnx(args: dict) -> int:
     return _measure(baseline, load_and_run)
 
 
+def _child_openvino(args: dict) -> int:
+    import openvino  # noqa: F401  (imported before the baseline, like the other runtimes)
+    import psutil
+
+    from shrinkml.runtimes.openvino import OvRunner
+
+    baseline = psutil.Process().memory_info().rss
+
+    def load_and_run() -> None:
+        runner = OvRunner(args["model"], threads=args["threads"])
+        with np.load(args["inputs"]) as data:
+            x = data[data.files[0]]
+        for _ in range(2):
+            runner.run(x)
+
+    return _measure(baseline, load_and_run)
+
+
 def _child_torch(args: dict) -> int:
     import psutil
     import torch
@@ -234,7 +263,7 @@ def _die_with_parent(parent_pid: int | None) -> None:
 def _child_main(argv: list[str]) -> None:
     mode, args = argv[0], json.loads(argv[1])
     _die_with_parent(args.get("parent_pid"))
-    runners = {"onnx": _child_onnx, "torch": _child_torch}
+    runners = {"onnx": _child_onnx, "openvino": _child_openvino, "torch": _child_torch}
     if mode not in runners:
         raise SystemExit(f"unknown mode {mode!r}; expected one of {sorted(runners)}")
     print(json.dumps({"peak_increase_bytes": int(runners[mode](args))}), flush=True)

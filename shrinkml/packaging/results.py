@@ -25,7 +25,9 @@ def _text_outputs(
     info.tokenizer.save_pretrained(str(tok_dir))
     files: dict[str, Path] = {"tokenizer": tok_dir}
     pad = info.tokenizer.pad_token_id if info.tokenizer.pad_token_id is not None else 0
-    prefix = "onnx" if runtime == "onnxruntime" else "model"  # model.onnx, or the safetensors file
+    from shrinkml.runtimes import runtime as get_runtime
+
+    prefix = "onnx" if get_runtime(runtime).artifact_format == "ONNX" else "model"  # model.onnx, or the safetensors file
     manifest: dict[str, Any] = {
         "tokenizer_dir": "tokenizer",
         f"{prefix}_input": f"int64 token ids (batch, sequence) from the tokenizer; positions equal to the pad id"
@@ -94,6 +96,7 @@ def output_files(
     from shrinkml.report import dumps_report, validate_report
     from shrinkml.report.html import render_html
     from shrinkml.report.markdown import render_markdown
+    from shrinkml.runtimes import runtime as get_runtime
     from shrinkml.techniques.quantize_bf16 import is_bf16_model, load_instruction
 
     validate_report(report)
@@ -104,12 +107,7 @@ def output_files(
         "runtime": artifact.runtime,
         "source_model": loaded.source,
         "recipe_file": "recipe.yaml",
-        "load": (
-            "onnxruntime.InferenceSession('model.onnx')"
-            if artifact.runtime == "onnxruntime"
-            else "shrinkml.models.safetensors_io.load_state_dict('model.safetensors') into the factory's"
-            " model after fit_module_to_state_dict"
-        ),
+        "load": get_runtime(artifact.runtime).load_instruction(model_name),
     }
     if state is not None and state.kind == "torch" and is_bf16_model(state.torch_model):
         manifest["load"] = load_instruction(state.torch_model)

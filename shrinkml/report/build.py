@@ -22,8 +22,6 @@ TIMING_METHOD = (
     " ±rel_tolerance of the value or the rounds have taken max_time_s. A speedup whose CI includes 1.0"
     " is reported as 'no measurable difference'."
 )
-_FILE_SUFFIX = {"onnxruntime": ".onnx", "torch": ".safetensors"}
-_FORMAT = {"onnxruntime": "ONNX", "torch": "safetensors"}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -48,7 +46,9 @@ def timing_section(assessment) -> dict[str, Any]:
 
 def compressed_artifact(runtime: str) -> dict[str, Any]:
     """The compressed file, named as ``compress`` writes it into ``--out``."""
-    name = f"model{_FILE_SUFFIX.get(runtime, '')}"
+    from shrinkml.runtimes import runtime as get_runtime
+
+    name = f"model{get_runtime(runtime).artifact_suffix}"
     return {"file": name, "description": f"the compressed model, written to the output folder as {name}"}
 
 
@@ -56,7 +56,9 @@ def input_artifact(runtime: str, loaded, *, written: str = "not written to the o
     """The user's input model: no file of ours holds it, so ``file`` is None and the description
     says what was measured."""
     weights = f" with weights {loaded.weights}" if getattr(loaded, "weights", None) else ""
-    saved_as = _FORMAT.get(runtime, runtime)
+    from shrinkml.runtimes import runtime as get_runtime
+
+    saved_as = get_runtime(runtime).artifact_format
     return {"file": None,
             "description": f"the input model {loaded.source}{weights}, saved as {saved_as} in a temporary folder"
             f" to be measured (size_bytes is that file's size); {written}"}
@@ -109,6 +111,7 @@ def _loading_notes(loaded) -> list[str]:
 
 
 def _runtime_section(settings) -> dict[str, Any]:
+    # how each model was computed (e.g. OpenVINO's precision) is in its measurement's runtime_details
     return {"name": settings.runtime, "threads": settings.threads, "batch_n": settings.batch_n}
 
 

@@ -1,3 +1,15 @@
-"""The runtimes models are measured on: PyTorch eager and ONNX Runtime (CPU)."""
+"""The runtimes models are measured on, registered in ``shrinkml.core.registry.RUNTIMES``:
+ONNX Runtime (CPU), OpenVINO (CPU) and PyTorch eager. ``runtime(name)`` returns one."""
 
-RUNTIMES = ("onnxruntime", "torch")
+from __future__ import annotations
+
+from shrinkml.core.registry import RUNTIMES
+
+
+def runtime(name: str):
+    """The registered runtime ``name`` (imports its module; not its library until used)."""
+    return RUNTIMES.get(name)
+
+
+def runtime_names() -> tuple[str, ...]:
+    return RUNTIMES.names()

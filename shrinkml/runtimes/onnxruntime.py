@@ -1,4 +1,4 @@
-"""ONNX Runtime on CPU with pinned threads."""
+"""ONNX Runtime on CPU with pinned threads: one session builder (``session``) for every use."""
 
 from __future__ import annotations
 
@@ -16,23 +16,29 @@ _DTYPES = {
 }
 
 
+def session(model: str | Path | bytes, *, threads: int):
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads, one inter-op thread, all graph
+    optimizations and thread spinning off."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    # Idle sessions' spinning worker threads would steal the cores from the session being
+    # timed when several are interleaved (baseline and compressed); the same for all models.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
 class OrtRunner:
     """One ONNX Runtime session: ``run(x)`` returns the first output as numpy."""
 
     def __init__(self, model: str | Path | bytes, *, threads: int) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        # Idle sessions' spinning worker threads would steal the cores from the session being
-        # timed when several are interleaved (baseline and compressed); the same for all models.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.session = session(model, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type
         self._dtype = _DTYPES.get(self.input_type)
@@ -41,3 +47,39 @@ class OrtRunner:
         if self._dtype is not None and x.dtype != self._dtype:  # e.g. a model whose inputs are float16
             x = x.astype(self._dtype)
         return self.session.run(None, {self.input_name: x})[0]
+
+
+class OnnxRuntime:
+    """ONNX Runtime, CPU execution provider: measures the ``.onnx`` file (PyTorch states exported)."""
+
+    name = "onnxruntime"
+    accepts = frozenset({"torch", "onnx"})
+    artifact_suffix = ".onnx"
+    artifact_format = "ONNX"
+
+    def prepare(self, state, label, *, example, workdir, threads, export_tolerance, opset=17):
+        from shrinkml.artifacts import onnx_artifact
+
+        return onnx_artifact(state, label, self.name, example=example, workdir=workdir, threads=threads,
+                             tolerance=export_tolerance, opset=opset)
+
+    def runner(self, artifact, *, threads: int) -> OrtRunner:
+        return OrtRunner(artifact.path, threads=threads)
+
+    def peak_memory(self, artifact, batch, *, threads: int, workdir) -> int:
+        from shrinkml.measure import memory
+
+        name = OrtRunner(artifact.path, threads=threads).input_name
+        return memory.peak_memory_onnx(artifact.path, {name: batch}, threads=threads)
+
+    def load_instruction(self, file_name: str) -> str:
+        return f"onnxruntime.InferenceSession({file_name!r})"
+
+    def describe(self, runner: OrtRunner) -> dict:
+        import onnxruntime as ort
+
+        return {"version": ort.__version__, "device": "CPU", "providers": runner.session.get_providers(),
+                "thread_spinning": False}
+
+
+RUNTIME = OnnxRuntime()

@@ -16,3 +16,41 @@ class TorchRunner:
     def run(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return self.module(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+
+
+class TorchEager:
+    """PyTorch eager on CPU: measures the ``.safetensors`` state dict of a PyTorch model state."""
+
+    name = "torch"
+    accepts = frozenset({"torch"})
+    artifact_suffix = ".safetensors"
+    artifact_format = "safetensors"
+
+    def prepare(self, state, label, *, example, workdir, threads, export_tolerance, opset=17):
+        from shrinkml.artifacts import torch_artifact
+
+        return torch_artifact(state, label, example=example, workdir=workdir)
+
+    def runner(self, artifact, *, threads: int) -> TorchRunner:
+        return TorchRunner(artifact.module, threads=threads)
+
+    def peak_memory(self, artifact, batch, *, threads: int, workdir) -> int:
+        import sys
+
+        from shrinkml.measure import memory
+
+        module_file = workdir / f"{artifact.label}.module.pt"
+        memory.save_module_for_child(artifact.module, module_file)
+        return memory.peak_memory_torch(module_file, {"input": batch}, threads=threads, sys_path=list(sys.path))
+
+    def load_instruction(self, file_name: str) -> str:
+        return (f"shrinkml.models.safetensors_io.load_state_dict({file_name!r}) into the factory's model"
+                " after fit_module_to_state_dict")
+
+    def describe(self, runner: TorchRunner) -> dict:
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in runner.module.parameters()})
+        return {"version": torch.__version__, "device": "CPU", "mode": "eager, inference_mode",
+                "parameter_dtypes": dtypes, "threads": torch.get_num_threads()}
+
+
+RUNTIME = TorchEager()

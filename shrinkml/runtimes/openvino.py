@@ -1,0 +1,109 @@
+"""OpenVINO on CPU (``pip install 'shrinkml[openvino]'``): measures the same ``.onnx`` files as
+ONNX Runtime, read by OpenVINO's ONNX frontend and compiled for the CPU plugin, with pinned threads.
+
+OpenVINO picks its own inference precision: bfloat16 on CPUs with AMX or AVX512-BF16, float32
+elsewhere; INT8 QDQ graphs (``quantize.static``) run on its INT8 kernels. ``describe`` reports the
+precision it chose, so the report says what was computed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from shrinkml.errors import InputError
+
+_INSTALL = "pip install 'shrinkml[openvino]'"
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise InputError(
+            "--runtime openvino needs the openvino package", where="--runtime openvino",
+            fix=f"install it with {_INSTALL}, or pick another --runtime",
+        ) from None
+    return openvino
+
+
+def compile_model(path: str | Path, *, threads: int):
+    """The ONNX file compiled for OpenVINO's CPU plugin: ``threads`` inference threads, one stream,
+    latency hint (one request at a time, as every model is timed here)."""
+    ov = _openvino()
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    try:
+        return core.compile_model(str(path), "CPU", config)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["?"])[0]
+        raise InputError(
+            "OpenVINO cannot compile this model",
+            where=f"{Path(path).name} on --runtime openvino",
+            found=first[:300],
+            fix="use --runtime onnxruntime for recipes whose ONNX holds ONNX Runtime-only operators"
+            " (quantize.dynamic, quantize.weight_only); quantize.static's QDQ INT8 runs on OpenVINO",
+        ) from None
+
+
+def _type_name(value) -> str:
+    """``bf16`` / ``f32`` for an OpenVINO element type (its str() is ``<Type: 'bfloat16'>``)."""
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
+class OvRunner:
+    """One compiled model and infer request: ``run(x)`` returns the first output as numpy."""
+
+    def __init__(self, path: str | Path, *, threads: int) -> None:
+        self.compiled = compile_model(path, threads=threads)
+        self.request = self.compiled.create_infer_request()
+        self._output = self.compiled.outputs[0]
+        element = self.compiled.inputs[0].get_element_type().to_dtype()
+        self._dtype = None if element is None else np.dtype(element)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if self._dtype is not None and x.dtype != self._dtype:
+            x = x.astype(self._dtype)
+        result = self.request.infer({0: np.ascontiguousarray(x)})
+        return np.array(result[self._output], copy=True)  # the request reuses its output buffer
+
+
+class OpenVinoRuntime:
+    """OpenVINO, CPU plugin: measures the ``.onnx`` file (PyTorch states exported), stored dense
+    (OpenVINO's ONNX frontend does not read sparse initializers)."""
+
+    name = "openvino"
+    accepts = frozenset({"torch", "onnx"})
+    artifact_suffix = ".onnx"
+    artifact_format = "ONNX"
+
+    def prepare(self, state, label, *, example, workdir, threads, export_tolerance, opset=17):
+        from shrinkml.artifacts import onnx_artifact
+
+        _openvino()  # before any export: a missing install is an input error, found first
+        return onnx_artifact(state, label, self.name, example=example, workdir=workdir, threads=threads,
+                             tolerance=export_tolerance, opset=opset, sparse=False)
+
+    def runner(self, artifact, *, threads: int) -> OvRunner:
+        return OvRunner(artifact.path, threads=threads)
+
+    def peak_memory(self, artifact, batch, *, threads: int, workdir) -> int:
+        from shrinkml.measure import memory
+
+        return memory.peak_memory_openvino(artifact.path, {"input": batch}, threads=threads)
+
+    def load_instruction(self, file_name: str) -> str:
+        return f"openvino.Core().compile_model({file_name!r}, 'CPU')"
+
+    def describe(self, runner: OvRunner) -> dict:
+        ov = _openvino()
+        compiled = runner.compiled
+        return {"version": ov.__version__, "device": "CPU",
+                # what OpenVINO chose: bf16 on CPUs with AMX / AVX512-BF16 unless told otherwise
+                "inference_precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
+                "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+                "streams": int(compiled.get_property("NUM_STREAMS"))}
+
+
+RUNTIME = OpenVinoRuntime()

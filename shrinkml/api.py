@@ -132,7 +132,7 @@ def _prepare(model, data, task_name, weights, settings: RunSettings):
 
         limit = loaded.text.max_seq_length or DEFAULT_MAX_LENGTH
         encoding = TextEncoding(loaded.text.tokenizer, min(limit, settings.max_length or DEFAULT_MAX_LENGTH))
-    needs_labels = task.name == "classification"
+    needs_labels = task.needs_labels
     splits = load_data(
         data, seed=settings.seed, fractions=settings.splits, needs_labels=needs_labels, text_encoding=encoding
     )

@@ -58,10 +58,13 @@ def _runtime_enum() -> type[Enum]:
 RuntimeName = _runtime_enum()
 
 
-class TaskName(str, Enum):
-    classification = "classification"
-    fidelity = "fidelity"
-    embedding = "embedding"
+def _task_enum() -> type[Enum]:
+    from shrinkml.core.registry import TASKS
+
+    return Enum("TaskName", {name: name for name in TASKS.names()}, type=str)
+
+
+TaskName = _task_enum()
 
 
 class DropType(str, Enum):
@@ -154,7 +157,7 @@ def _finish(result, out: Path, json_out: bool) -> None:
 COMMON = {
     "model": typer.Option(..., help="package.module:factory (imported from the current folder; with --weights), a .onnx file, or a transformers / sentence-transformers directory."),
     "data": typer.Option(..., help=".npz with x and y (or x_calibration/x_finetune/x_test), package.module:function, builtin:digits; for text models .txt, .jsonl or builtin:texts."),
-    "task": typer.Option(TaskName.classification, help="classification (accuracy against labels), fidelity (label-free closeness to the original) or embedding (text embedding models: cosine, worst-5%, top-10 neighbours)."),
+    "task": typer.Option(TaskName("classification"), help="classification (accuracy against labels), fidelity (label-free closeness to the original) or embedding (text embedding models: cosine, worst-5%, top-10 neighbours)."),
     "weights": typer.Option(None, help="Trained weights (.safetensors) for a factory model; pickles are refused."),
     "runtime": typer.Option(
         RuntimeName("onnxruntime"),

@@ -56,3 +56,8 @@ RUNTIMES = LazyRegistry("runtime")
 RUNTIMES.add("onnxruntime", "shrinkml.runtimes.onnxruntime:RUNTIME")
 RUNTIMES.add("openvino", "shrinkml.runtimes.openvino:RUNTIME")
 RUNTIMES.add("torch", "shrinkml.runtimes.torch_eager:RUNTIME")
+
+TASKS = LazyRegistry("task")
+TASKS.add("classification", "shrinkml.tasks.classification:TASK")
+TASKS.add("embedding", "shrinkml.tasks.embedding:TASK")
+TASKS.add("fidelity", "shrinkml.tasks.fidelity:TASK")

@@ -132,3 +132,16 @@ def explain_table(result: dict):
     for r in result["layers"]:
         table.add_row(r["layer"], r["op_type"], _fmt(r["weight_elements"]), _fmt(r["output_sqnr_db"]), _points(r["metric_drop"]))
     return table
+
+
+def render_explain_files(result: dict) -> dict[str, str]:
+    """``explain.json`` / ``.md`` / ``.html`` by name, for the output folder."""
+    import json
+
+    from shrinkml.report.json_report import to_jsonable
+
+    return {
+        "explain.json": json.dumps(to_jsonable(result), indent=2) + "\n",
+        "explain.md": render_explain_markdown(result),
+        "explain.html": render_explain_html(result),
+    }

@@ -1,0 +1,331 @@
+"""Prepare once, run any number of recipes: the pipeline behind ``compress``, ``bench`` and ``explain``.
+
+``Pipeline.prepare`` loads the model and the data, makes the splits and checks that model, data and
+task fit, once. ``run`` applies a recipe to (a copy of the state of) that model and measures the
+baseline and the result together, interleaved, on the test split; steps never change the state they
+are given, so one prepared pipeline serves many recipes (a search, a comparison).
+
+>>> pipe = Pipeline.prepare("m.onnx", data="data.npz")  # doctest: +SKIP
+>>> for recipe in ("a.yaml", "b.yaml"):  # doctest: +SKIP
+...     print(pipe.run(recipe).report["delta"]["size_ratio"])
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shrinkml.budget import Budget
+from shrinkml.data import Splits, load_data
+from shrinkml.errors import InputError
+from shrinkml.packaging import run_folder
+from shrinkml.packaging.results import output_files
+from shrinkml.progress import SILENT, Progress
+from shrinkml.recipe import Recipe, as_recipe
+from shrinkml.runtimes import runtime
+from shrinkml.settings import RunSettings
+from shrinkml.tasks import Task, get_task
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A loaded model and its checked, split data."""
+
+    task: Task
+    loaded: Any  # shrinkml.models.LoadedModel
+    splits: Splits
+    example: np.ndarray  # one calibration batch, for tracing and export
+    settings: RunSettings
+
+
+def _check_forward(loaded, example: np.ndarray, source: str, threads: int) -> np.ndarray:
+    """Run one batch to catch model/data mismatches before any work; return its outputs."""
+    try:
+        if loaded.kind == "torch":
+            from shrinkml.runtimes.torch_eager import TorchRunner
+
+            return TorchRunner(loaded.module.eval(), threads=threads).run(example)
+        from shrinkml.runtimes.onnxruntime import OrtRunner
+
+        return OrtRunner(loaded.onnx_model.SerializeToString(), threads=threads).run(example)
+    except (TimeoutError, MemoryError):
+        raise
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        resized = loaded.resized_summary() if loaded.kind == "torch" else None
+        found = (f"examples of shape {tuple(example.shape[1:])} ({example.dtype}), on which the model"
+                 f" failed with {type(exc).__name__}: {first_line[:300]}")
+        raise InputError(
+            "the model cannot run on the data",
+            where=f"{loaded.source} on {source}",
+            expected="inputs the model accepts",
+            found=found + (f"; note: {resized}" if resized else ""),
+            fix=("pass the factory these weights were saved from, or " if resized else "")
+            + "check that --data matches the model's input (shape per example, channels first)",
+        ) from exc
+
+
+def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
+    """Load the model and the data, split it, and check that they fit before any work."""
+    from shrinkml.models import load_model
+
+    task = get_task(task_name)
+    # first: text data is tokenized by the model's tokenizer
+    loaded = load_model(model, weights, random_weights=settings.random_weights)
+    encoding = None
+    if loaded.text is not None:
+        from shrinkml.data.text import DEFAULT_MAX_LENGTH, TextEncoding
+
+        limit = loaded.text.max_seq_length or DEFAULT_MAX_LENGTH
+        encoding = TextEncoding(loaded.text.tokenizer, min(limit, settings.max_length or DEFAULT_MAX_LENGTH))
+    needs_labels = task.needs_labels
+    splits = load_data(
+        data, seed=settings.seed, fractions=settings.splits, needs_labels=needs_labels, text_encoding=encoding
+    )
+    task.check_data(splits)
+    task.check_model(loaded, splits)
+    example = splits.calibration.x[: min(len(splits.calibration), 8)]
+    outputs = _check_forward(loaded, example, splits.source, settings.threads)
+    task.check_outputs(splits, outputs, loaded.source)
+    return Prepared(task, loaded, splits, example, settings)
+
+
+def _step_context(loaded, splits, task, example, settings, progress, workdir, budget=None):
+    """What every step sees: the splits, the task, and a frozen copy of the original model as the
+    distillation teacher (steps never change the model they were given)."""
+    from shrinkml.techniques.base import StepContext
+
+    teacher = None
+    if loaded.kind == "torch":
+        teacher = copy.deepcopy(loaded.module).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return StepContext(
+        splits=splits,
+        task=task,
+        teacher=teacher,
+        example_input=example,
+        seed=settings.seed,
+        threads=settings.threads,
+        progress=progress,
+        workdir=workdir,
+        export_tolerance=settings.export_tolerance,
+        budget=budget,
+    )
+
+
+def _initial_state(loaded):
+    from shrinkml.techniques.base import ModelState
+
+    if loaded.kind == "torch":
+        return ModelState("torch", torch_model=loaded.module)
+    return ModelState("onnx", onnx_model=loaded.onnx_model)
+
+
+def _measure(artifacts, splits: Splits, task: Task, settings: RunSettings, workdir: Path, progress: Progress):
+    from shrinkml.measure.assess import assess
+
+    return assess(
+        artifacts,
+        splits.test,
+        task,
+        threads=settings.threads,
+        batch_n=settings.batch_n,
+        warmup=settings.warmup,
+        repeats=settings.repeats,
+        seed=settings.seed,
+        bootstrap_resamples=settings.bootstrap_resamples,
+        measure_memory=settings.measure_memory,
+        rel_tolerance=settings.timing_tolerance,
+        max_time_s=settings.max_timing_s,
+        workdir=workdir,
+        progress=progress,
+    )
+
+
+def _check_recipe(recipe: Recipe, kind: str, settings: RunSettings) -> None:
+    """Refuse, before any work, a recipe whose steps cannot take the model or whose result the
+    run's runtime cannot run."""
+    from shrinkml.techniques.base import registry
+
+    recipe.check_model_kind(kind)
+    techniques = registry()
+    measured_on = runtime(settings.runtime)
+    for i, step in enumerate(recipe.steps):
+        produces = techniques[step.technique].produces
+        if produces is not None and produces not in measured_on.accepts:
+            raise InputError(
+                f"{step.technique} produces an {produces.upper()} model, which {settings.runtime} cannot run",
+                where=f"steps[{i}] with --runtime {settings.runtime}",
+                fix="use --runtime onnxruntime (the default) or openvino for recipes with ONNX quantization",
+            )
+        needed = techniques[step.technique].runtime
+        if needed is not None and needed != settings.runtime:
+            raise InputError(
+                f"{step.technique} makes a model only {needed} can run, but the run measures on {settings.runtime}",
+                where=f"steps[{i}] with --runtime {settings.runtime}",
+                fix=f"run with --runtime {needed}",
+            )
+
+
+class Pipeline:
+    """One prepared model and data set; ``run`` / ``explain`` / ``bench`` work against it."""
+
+    def __init__(self, prepared: Prepared, progress: Progress = SILENT) -> None:
+        self.prepared = prepared
+        self.progress = progress
+
+    @classmethod
+    def prepare(
+        cls, model: Any, *, data: Any, task: str = "classification", weights: str | Path | None = None,
+        settings: RunSettings | None = None, progress: Progress | None = None,
+    ) -> Pipeline:
+        progress = progress or SILENT
+        prepared = prepare(model, data, task, weights, settings or RunSettings())
+        sizes = ", ".join(f"{k} {v}" for k, v in prepared.splits.sizes().items())
+        progress.log(f"data {prepared.splits.source}: {sizes}")
+        return cls(prepared, progress)
+
+    @property
+    def settings(self) -> RunSettings:
+        return self.prepared.settings
+
+    def _artifact(self, state, label: str, workdir: Path):
+        from shrinkml.artifacts import build_artifact
+
+        s = self.settings
+        return build_artifact(state, label, runtime=s.runtime, example=self.prepared.example, workdir=workdir,
+                              threads=s.threads, export_tolerance=s.export_tolerance)
+
+    def _apply(self, steps, ctx) -> tuple[Any, list[dict]]:
+        from shrinkml.techniques.base import registry
+
+        techniques = registry()
+        state, reports = _initial_state(self.prepared.loaded), []
+        for i, step in enumerate(steps):
+            self.progress.log(f"step {i + 1}/{len(steps)}: {step.technique}")
+            result = techniques[step.technique].apply(state, step, ctx)
+            state = result.state
+            reports.append({"technique": step.technique, "summary": result.summary})
+        return state, reports
+
+    def run(self, recipe: Recipe | str | Path | list | dict, *, folder=None, budget: Budget | None = None):
+        """Apply ``recipe``, measure baseline and result together, build the report and, when
+        ``folder`` is an output folder, commit the outputs into it. Returns ``(report, state, files)``."""
+        from shrinkml.environment import environment
+        from shrinkml.measure.assess import metric_drop
+        from shrinkml.report.build import build_report
+
+        p, s, budget = self.prepared, self.settings, budget or Budget()
+        recipe = as_recipe(recipe)
+        _check_recipe(recipe, p.loaded.kind, s)
+        with (run_folder(None, {}) if folder is None else _given(folder)) as where:
+            workdir = where.workdir
+            self.progress.log("building the baseline artifact")
+            baseline_art = self._artifact(_initial_state(p.loaded), "baseline", workdir)
+            ctx = _step_context(p.loaded, p.splits, p.task, p.example, s, self.progress, workdir, budget)
+            state, step_reports = self._apply(recipe.steps, ctx)
+            self.progress.log("building the compressed artifact")
+            compressed_art = self._artifact(state, "compressed", workdir)
+            base_a, comp_a = _measure([baseline_art, compressed_art], p.splits, p.task, s, workdir, self.progress)
+            primary = p.task.primary_metric(base_a.outputs.shape)
+            drop = metric_drop(base_a, comp_a, primary, drop_type=budget.drop_type, seed=s.seed,
+                               resamples=s.bootstrap_resamples)
+            report = build_report(
+                loaded=p.loaded, task=p.task, primary=primary, settings=s, splits=p.splits, example=p.example,
+                base=base_a, comp=comp_a, drop=drop, budget=budget, recipe=recipe, steps=step_reports,
+                export={
+                    "tolerance": s.export_tolerance,
+                    "baseline_max_abs_diff": baseline_art.export_max_abs_diff,
+                    "compressed_max_abs_diff": compressed_art.export_max_abs_diff,
+                    "baseline_encoding": baseline_art.encoding,
+                    "compressed_encoding": compressed_art.encoding,
+                },
+                environment=environment(threads=s.threads, seed=s.seed),
+            )
+            files: dict[str, Path] = {}
+            if folder is not None:
+                files = where.commit(output_files(compressed_art, recipe, report, p.loaded, state, workdir, self.progress))
+        return report, state, files
+
+    def bench(self) -> dict[str, Any]:
+        """The baseline assessment alone (``shrinkml.bench/2``)."""
+        from shrinkml.environment import environment
+        from shrinkml.report.build import build_bench_report
+
+        p, s = self.prepared, self.settings
+        with run_folder(None, {}) as scratch:
+            art = self._artifact(_initial_state(p.loaded), "model", scratch.workdir)
+            (assessment,) = _measure([art], p.splits, p.task, s, scratch.workdir, self.progress)
+        return build_bench_report(
+            loaded=p.loaded, task=p.task, settings=s, splits=p.splits, example=p.example, assessment=assessment,
+            export_max_abs_diff=art.export_max_abs_diff, environment=environment(threads=s.threads, seed=s.seed),
+        )
+
+    def explain(self, recipe: Recipe | str | Path | list | dict, *, folder=None) -> dict[str, Any]:
+        """Quantize one weight layer at a time with the recipe's last step (a quantizer) after the
+        steps before it, and score each against the float model on the test split."""
+        from dataclasses import asdict
+
+        from shrinkml.environment import environment
+        from shrinkml.quant.sensitivity import Evaluator, layer_sensitivity, sqnr_db
+        from shrinkml.techniques.base import registry
+
+        p, s = self.prepared, self.settings
+        recipe = as_recipe(recipe)
+        techniques = registry()
+        last = recipe.steps[-1]
+        if techniques[last.technique].build_quantizer is None:
+            quantizers = sorted(name for name, t in techniques.items() if t.build_quantizer is not None)
+            raise InputError(
+                f"explain analyses a quantization step, but the recipe ends with {last.technique}",
+                where=f"steps[{len(recipe.steps) - 1}]",
+                expected="one of " + ", ".join(quantizers),
+                fix="end the recipe with the quantization step to analyse",
+            )
+        recipe.check_model_kind(p.loaded.kind)
+        with (run_folder(None, {}) if folder is None else _given(folder)) as where:
+            ctx = _step_context(p.loaded, p.splits, p.task, p.example, s, self.progress, where.workdir)
+            state, _ = self._apply(recipe.steps[:-1], ctx)
+            float_model, quantize, _ = techniques[last.technique].build_quantizer(state, last, ctx)
+            evaluator = Evaluator(float_model, p.splits.test, p.task, s.threads, s.seed)
+            self.progress.log("quantizing each layer alone")
+            rows = layer_sensitivity(float_model, quantize, evaluator)
+            all_outputs = evaluator.outputs(quantize([]))
+            value, worst = evaluator.drop(all_outputs)
+            layers = sorted((asdict(r) for r in rows), key=lambda r: (-r["metric_drop"], r["output_sqnr_db"]))
+            result = {
+                "schema": "shrinkml.explain/1",
+                "model": {"source": p.loaded.source, "weights": p.loaded.weights},
+                "task": p.task.name,
+                "metric": evaluator.primary,
+                "technique": last.model_dump(mode="json"),
+                "data": {"source": p.splits.source, "evaluated_on": "test", "examples": len(p.splits.test),
+                         "seed": s.seed},
+                "all_quantized": {"drop": value, "drop_ci95_upper": worst,
+                                  "output_sqnr_db": sqnr_db(evaluator.reference, all_outputs)},
+                "layers": layers,
+                "environment": environment(threads=s.threads, seed=s.seed),
+            }
+            if folder is not None:
+                from shrinkml.report.explain import render_explain_files
+
+                where.commit(render_explain_files(result))
+        return result
+
+
+class _given:
+    """An output folder the caller already entered (and will leave), usable in a ``with``."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+
+    def __enter__(self):
+        return self.folder
+
+    def __exit__(self, *exc) -> None:
+        return None

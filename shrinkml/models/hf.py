@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shrinkml.errors import InputError, brief
+from shrinkml.models.loaded import LoadedModel
 from shrinkml.untrusted import decode_utf8, parse_json, read_bounded
 
 _FIX_INSTALL = "pip install 'shrinkml[text]'"
@@ -262,7 +263,6 @@ def _check_weights(model_dir: Path, is_st: bool, classifier: bool) -> None:
 
 def load_hf_dir(root: Path):
     """Load a model directory into a ``LoadedModel`` holding a ``TextEncoder`` and ``text`` info."""
-    from shrinkml.models.load import LoadedModel
     from shrinkml.models.text import TextEncoder
 
     root = Path(root)
@@ -360,7 +360,7 @@ def save_text_model(module: Any, info: TextModelInfo, dest: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
     transformer = module.transformer
-    from shrinkml.techniques.quantize_bf16 import dequantized_copy, has_int8_modules
+    from shrinkml.nn.int8 import dequantized_copy, has_int8_modules
 
     if has_int8_modules(transformer):  # INT8 codes -> the bfloat16 weights they compute with
         transformer = dequantized_copy(transformer)

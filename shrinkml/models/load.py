@@ -9,42 +9,16 @@ are refused naming the tensor; float tensors of another precision are cast and n
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shrinkml.errors import InputError
 from shrinkml.imports import import_object
+from shrinkml.models.loaded import _LISTED, LoadedModel
 
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
-_LISTED = 3  # tensors named in one message
 # Errors that say nothing about the weights: let them through instead of blaming the file.
 _NOT_ABOUT_THE_WEIGHTS = (TimeoutError, MemoryError)
-
-
-@dataclass
-class LoadedModel:
-    """The model as loaded. ``kind`` is ``torch`` (``module`` set) or ``onnx`` (``onnx_model`` set)."""
-
-    kind: str
-    source: str
-    module: Any = None  # torch.nn.Module
-    onnx_model: Any = None  # onnx.ModelProto
-    weights: str | None = None
-    text: Any = None  # shrinkml.models.hf.TextModelInfo for Hugging Face model directories
-    random_weights: bool = False  # a factory model run as built (--random-weights): no trained weights
-    notes: list[str] = field(default_factory=list)  # decisions taken while loading, for the report
-    # tensors the weights resized from the factory's shapes (a model saved after prune.channels):
-    # name -> (shape as built, shape loaded)
-    resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
-
-    def resized_summary(self) -> str | None:
-        """One phrase naming the tensors the weights resized, for errors that follow (None if none)."""
-        if not self.resized:
-            return None
-        shown = ", ".join(f"{name!r} {list(a)} -> {list(b)}" for name, (a, b) in list(self.resized.items())[:_LISTED])
-        more = f" and {len(self.resized) - _LISTED} more" if len(self.resized) > _LISTED else ""
-        return f"the weights {self.weights} resized {len(self.resized)} tensors of the factory's model ({shown}{more})"
 
 
 def _pickle_refusal(path: Path, where: str) -> InputError:

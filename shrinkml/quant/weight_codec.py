@@ -29,15 +29,10 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from shrinkml.quant.blocks import check_group_size  # torch-free, for recipe validation; used here too
+
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (4, 8)
-
-
-def check_group_size(group_size: int) -> int:
-    """``MatMulNBits`` needs a power-of-two block size of at least 16."""
-    if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of 2 and at least 16 (16, 32, 64, 128, ...), found {group_size}")
-    return group_size
 
 
 def _check_bits(bits: int) -> int:

@@ -17,15 +17,16 @@ a layer-pruned student recover (as in DistilBERT / TinyBERT).
 from __future__ import annotations
 
 import copy
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from shrinkml.errors import InputError
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FinetuneConfig(StepConfig):
@@ -62,6 +63,8 @@ def distillation_loss(student_out, teacher_out, y, config, use_labels: bool, los
     """Cross-entropy with labels and/or temperature-scaled KL to the teacher, weighted by ``alpha``
     (``config`` needs ``distill``, ``temperature`` and ``alpha``). ``loss="cosine"`` or ``"mse"``
     compare output embeddings instead (no labels, no temperature)."""
+    import torch.nn.functional as F
+
     if loss in ("cosine", "mse"):
         mse = F.mse_loss(student_out, teacher_out)
         if loss == "mse":
@@ -95,7 +98,7 @@ def training_data(ctx: StepContext, *, distill: bool, technique: str, alternativ
             found="0 examples",
             fix=f"give more data, or {alternative}",
         )
-    use_labels = data.y is not None and ctx.task.name == "classification"
+    use_labels = data.y is not None and ctx.task.needs_labels
     if not use_labels and not distill:
         raise InputError(
             f"{technique} has neither labels nor distillation to learn from",
@@ -110,6 +113,8 @@ def training_data(ctx: StepContext, *, distill: bool, technique: str, alternativ
 
 def _resolve_loss(config: FinetuneConfig, ctx: StepContext, reference: torch.nn.Module, x: np.ndarray) -> str:
     """The distillation loss ``auto`` stands for: cosine for embedding models, KL for classifiers."""
+    import torch
+
     if config.loss != "auto":
         return config.loss
     task = getattr(ctx.task, "name", None)
@@ -161,6 +166,8 @@ def _hidden_mse(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Te
 
 @register("finetune", FinetuneConfig)
 def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepResult:
+    import torch
+
     data, use_labels = training_data(
         ctx, distill=config.distill, technique="finetune", alternative="remove the finetune step"
     )

@@ -23,16 +23,24 @@ import copy
 import fnmatch
 import traceback
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from shrinkml.errors import InputError
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 
-_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def _layers() -> tuple[type[nn.Module], ...]:
+    """The prunable layer types: Linear and every ConvNd (a function, so importing this module
+    imports no torch)."""
+    from torch import nn
+
+    return (nn.Linear, nn.modules.conv._ConvNd)
 
 
 class PruneChannelsConfig(StepConfig):
@@ -81,6 +89,8 @@ _NOT_ABOUT_THE_MODEL = (TimeoutError, MemoryError)
 
 
 def _example_tensor(ctx: StepContext) -> torch.Tensor:
+    import torch
+
     try:
         return torch.as_tensor(ctx.example_input)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -95,6 +105,8 @@ def _example_tensor(ctx: StepContext) -> torch.Tensor:
 
 def _forward(model: nn.Module, example: torch.Tensor, *, where: str) -> Any:
     """Run the model once; when it fails, name the layer and the pruned layer feeding it."""
+    import torch
+
     names = {module: name for name, module in model.named_modules()}
     entered: list[nn.Module] = []
 
@@ -109,7 +121,8 @@ def _forward(model: nn.Module, example: torch.Tensor, *, where: str) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is reported as input
         failing = names.get(entered[-1], "?") if entered else "(before the first layer)"
-        feeding = [names.get(m, "?") for m in entered[:-1] if isinstance(m, _LAYERS)]
+        layers = _layers()
+        feeding = [names.get(m, "?") for m in entered[:-1] if isinstance(m, layers)]
         fix = "derive shapes in forward from the input tensor (x.flatten(1), not x.view(-1, 512))"
         if feeding:
             fix = f"add the layer feeding it to ignore (ignore: [{feeding[-1]!r}]), or {fix}"
@@ -132,6 +145,8 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[nn.Mod
     The layers are the last Linear/Conv to run in the forward pass, plus any other whose output
     tensor is returned unchanged (models with several heads).
     """
+    import torch
+
     # Keep the output tensors themselves: ids of freed intermediates get reused by later tensors.
     order: list[tuple[nn.Module, torch.Tensor]] = []
 
@@ -139,7 +154,8 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[nn.Mod
         if isinstance(output, torch.Tensor):
             order.append((module, output))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _LAYERS)]
+    layers = _layers()
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
     try:
         outputs = _forward(model, example, where="on the example input")
     finally:
@@ -154,6 +170,8 @@ def _output_layers(model: nn.Module, example: torch.Tensor) -> tuple[list[nn.Mod
 
 def _tensors(output: Any) -> list[torch.Tensor]:
     """The tensors of a forward's output (a tensor, or a tuple/list/dict of them)."""
+    import torch
+
     if isinstance(output, torch.Tensor):
         return [output]
     items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else []
@@ -161,6 +179,8 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 
 def _out_channels(module: nn.Module) -> int:
+    from torch import nn
+
     return module.out_features if isinstance(module, nn.Linear) else module.out_channels
 
 
@@ -179,6 +199,7 @@ def _importance(name: str):
 @register("prune.channels", PruneChannelsConfig)
 def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> StepResult:
     """Remove ``channel_ratio`` of the output channels of each prunable layer; input state untouched."""
+    import torch
     import torch_pruning as tp
 
     model = copy.deepcopy(state.torch_model)
@@ -192,7 +213,8 @@ def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> S
     for name, module in model.named_modules():
         if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.ignore):
             ignored.update(module.modules())
-    prunable = [m for m in model.modules() if isinstance(m, _LAYERS) and m not in ignored]
+    layers = _layers()
+    prunable = [m for m in model.modules() if isinstance(m, layers) and m not in ignored]
     channels_before = sum(_out_channels(m) for m in prunable)
     params_before = _count_params(model)
 
@@ -221,7 +243,7 @@ def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> S
                     fix="add the layers around that op to ignore: (module-name globs), or skip prune.channels",
                 ) from exc
 
-    emptied = [n for n, m in model.named_modules() if isinstance(m, _LAYERS) and _out_channels(m) == 0]
+    emptied = [n for n, m in model.named_modules() if isinstance(m, layers) and _out_channels(m) == 0]
     if emptied:
         raise InputError(
             "pruning removed every channel of some layers",

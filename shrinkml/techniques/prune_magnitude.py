@@ -16,21 +16,28 @@ from __future__ import annotations
 import copy
 import fnmatch
 from dataclasses import replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from shrinkml.errors import InputError
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 LayerType = Literal["linear", "conv"]
 
-_LAYER_CLASSES: dict[str, tuple[type[nn.Module], ...]] = {
-    "linear": (nn.Linear,),
-    "conv": (nn.modules.conv._ConvNd,),  # Conv1d/2d/3d and their transposed forms
-}
+
+def _layer_classes() -> dict[str, tuple[type[nn.Module], ...]]:
+    """The module classes of each layer type (a function, so importing this module imports no torch)."""
+    from torch import nn
+
+    return {
+        "linear": (nn.Linear,),
+        "conv": (nn.modules.conv._ConvNd,),  # Conv1d/2d/3d and their transposed forms
+    }
 
 
 class PruneMagnitudeConfig(StepConfig):
@@ -57,7 +64,10 @@ class PruneMagnitudeConfig(StepConfig):
 
 def _prunable_weights(model: nn.Module, config: PruneMagnitudeConfig) -> dict[str, nn.Parameter]:
     """``{parameter name: weight}`` of the layers this config prunes, each tensor once."""
-    classes = tuple(cls for kind in config.layer_types for cls in _LAYER_CLASSES[kind])
+    from torch import nn
+
+    layer_classes = _layer_classes()
+    classes = tuple(cls for kind in config.layer_types for cls in layer_classes[kind])
     seen: set[int] = set()
     weights: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
@@ -75,6 +85,8 @@ def _prunable_weights(model: nn.Module, config: PruneMagnitudeConfig) -> dict[st
 
 def _zero_mask(magnitudes: torch.Tensor, n_zero: int) -> torch.Tensor:
     """Boolean mask of exactly ``n_zero`` smallest entries (ties broken by position, stable)."""
+    import torch
+
     mask = torch.zeros(magnitudes.numel(), dtype=torch.bool)
     if n_zero > 0:
         order = torch.argsort(magnitudes.reshape(-1), stable=True)
@@ -85,6 +97,8 @@ def _zero_mask(magnitudes: torch.Tensor, n_zero: int) -> torch.Tensor:
 @register("prune.magnitude", PruneMagnitudeConfig)
 def apply(state: ModelState, config: PruneMagnitudeConfig, ctx: StepContext) -> StepResult:
     """Zero the ``sparsity`` fraction of smallest-magnitude weights; the input state is untouched."""
+    import torch
+
     model = copy.deepcopy(state.torch_model)
     weights = _prunable_weights(model, config)
     if not weights:

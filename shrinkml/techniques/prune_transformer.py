@@ -32,14 +32,16 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from shrinkml.errors import InputError
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class PruneHeadsConfig(StepConfig):
@@ -115,6 +117,8 @@ class PruneLayersConfig(StepConfig):
 
 def _encoder_parts(model: nn.Module, where: str) -> tuple[nn.Module, Any, nn.ModuleList]:
     """(base Hugging Face model, its config, its list of encoder layers), or an InputError."""
+    from torch import nn
+
     hf = getattr(model, "transformer", model)
     base = getattr(hf, "base_model", hf)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
@@ -148,6 +152,9 @@ def _count_params(model: nn.Module) -> int:
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    import torch
+    from torch import nn
+
     out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                     device=like.weight.device, dtype=like.weight.dtype)
     with torch.no_grad():
@@ -180,25 +187,29 @@ def _summary(before: int, after: int, **counts: Any) -> dict[str, Any]:
 # prune.heads
 
 
-@torch.no_grad()
 def _head_scores(attn: nn.Module, n_heads: int, head_size: int) -> torch.Tensor:
+    import torch
+
     sa = attn.self
-    scores = torch.zeros(n_heads)
-    for h in range(n_heads):
-        rows = slice(h * head_size, (h + 1) * head_size)
-        total = 0.0
-        for lin in (sa.query, sa.key, sa.value):
-            total += float(lin.weight[rows].pow(2).sum())
-            if lin.bias is not None:
-                total += float(lin.bias[rows].pow(2).sum())
-        total += float(attn.output.dense.weight[:, rows].pow(2).sum())
-        scores[h] = math.sqrt(total)
+    with torch.no_grad():
+        scores = torch.zeros(n_heads)
+        for h in range(n_heads):
+            rows = slice(h * head_size, (h + 1) * head_size)
+            total = 0.0
+            for lin in (sa.query, sa.key, sa.value):
+                total += float(lin.weight[rows].pow(2).sum())
+                if lin.bias is not None:
+                    total += float(lin.bias[rows].pow(2).sum())
+            total += float(attn.output.dense.weight[:, rows].pow(2).sum())
+            scores[h] = math.sqrt(total)
     return scores
 
 
 @register("prune.heads", PruneHeadsConfig)
 def apply_heads(state: ModelState, config: PruneHeadsConfig, ctx: StepContext) -> StepResult:
     """Remove ``head_ratio`` of the attention heads of every layer (lowest L2 norm first)."""
+    import torch
+
     model = copy.deepcopy(state.torch_model)
     _base, hf_config, layers = _encoder_parts(model, "prune.heads")
     attrs = ("num_attention_heads", "attention_head_size", "all_head_size")
@@ -256,6 +267,8 @@ def apply_heads(state: ModelState, config: PruneHeadsConfig, ctx: StepContext) -
 @register("prune.ffn", PruneFFNConfig)
 def apply_ffn(state: ModelState, config: PruneFFNConfig, ctx: StepContext) -> StepResult:
     """Remove ``neuron_ratio`` of the feed-forward neurons of every layer (lowest norm first)."""
+    import torch
+
     model = copy.deepcopy(state.torch_model)
     _base, hf_config, layers = _encoder_parts(model, "prune.ffn")
     params_before = _count_params(model)
@@ -333,6 +346,8 @@ def layers_kept(n_layers: int, config: PruneLayersConfig) -> list[int]:
 @register("prune.layers", PruneLayersConfig)
 def apply_layers(state: ModelState, config: PruneLayersConfig, ctx: StepContext) -> StepResult:
     """Keep only the chosen encoder layers, in their original order."""
+    from torch import nn
+
     model = copy.deepcopy(state.torch_model)
     base, hf_config, layers = _encoder_parts(model, "prune.layers")
     params_before = _count_params(model)

@@ -37,12 +37,9 @@ import copy
 import fnmatch
 import json
 import os
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import nn
 
 from shrinkml.errors import InputError
 from shrinkml.techniques.base import (
@@ -52,6 +49,21 @@ from shrinkml.techniques.base import (
     StepResult,
     register,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# The INT8 modules live on the torch side (shrinkml.nn.int8), so that importing this module (to
+# validate a recipe) imports no torch; their names still import from here, on first use.
+_MOVED_TO_NN = ("Int8Linear", "Int8Embedding", "dequantized_copy", "has_int8_modules")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_NN:
+        from shrinkml.nn import int8
+
+        return getattr(int8, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 WHERE = "quantize.bf16"
 
@@ -76,104 +88,6 @@ class QuantizeBf16Config(StepConfig):
     )
 
 
-# --- modules -------------------------------------------------------------------------------------
-
-
-def _int8_codes(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row INT8 codes (-127..127) and float32 scales of a 2-D weight."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    codes = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return codes, scale
-
-
-class _Int8Weight(nn.Module):
-    """Holds ``weight_int8`` codes and ``weight_scale`` (saved) and the bfloat16 ``weight`` made from
-    them (not saved: rebuilt from the codes on load)."""
-
-    def _init_codes(self, weight: torch.Tensor, values: bool) -> None:
-        if values:
-            codes, scale = _int8_codes(weight)
-        else:  # shapes only, on the meta device: load_int8 assigns the file's tensors
-            codes = torch.empty(weight.shape, dtype=torch.int8, device="meta")
-            scale = torch.empty(weight.shape[0], dtype=torch.float32, device="meta")
-        self.register_buffer("weight_int8", codes)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight", self.dequantized(), persistent=False)
-        self.register_load_state_dict_post_hook(_refresh_weight)
-
-    def dequantized(self) -> torch.Tensor:
-        return (self.weight_int8.float() * self.weight_scale[:, None]).to(torch.bfloat16)
-
-
-def _refresh_weight(module: _Int8Weight, _incompatible: Any) -> None:
-    module.weight = module.dequantized()
-
-
-class Int8Linear(_Int8Weight):
-    """``nn.Linear`` computing in bfloat16 with a weight stored as per-output-channel INT8 codes.
-    ``values=False`` takes only ``linear``'s shapes (tensors on the meta device, never reading it)."""
-
-    def __init__(self, linear: nn.Linear, *, values: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_codes(linear.weight, values)
-        if linear.bias is None:
-            self.bias = None
-        else:
-            bias = linear.bias.detach().to(torch.bfloat16) if values else torch.empty(
-                linear.bias.shape, dtype=torch.bfloat16, device="meta")
-            self.bias = nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    def to_linear(self) -> nn.Linear:
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=torch.bfloat16)
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out
-
-
-class Int8Embedding(_Int8Weight):
-    """``nn.Embedding`` whose table is stored as per-row INT8 codes, looked up in bfloat16.
-    ``values=False`` takes only ``embedding``'s shapes (as for ``Int8Linear``)."""
-
-    def __init__(self, embedding: nn.Embedding, *, values: bool = True) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
-        self.padding_idx = embedding.padding_idx
-        self._init_codes(embedding.weight, values)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight, self.padding_idx)
-
-    def to_embedding(self) -> nn.Embedding:
-        out = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, dtype=torch.bfloat16)
-        with torch.no_grad():
-            out.weight.copy_(self.weight)
-        return out
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-def dequantized_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every INT8 module replaced by the plain bfloat16 module it computes as
-    (what ``save_pretrained`` and plain loaders understand)."""
-    out = copy.deepcopy(model)
-    for name, module in list(out.named_modules()):
-        if isinstance(module, Int8Linear):
-            _set(out, name, module.to_linear())
-        elif isinstance(module, Int8Embedding):
-            _set(out, name, module.to_embedding())
-    return out
-
-
 # --- the self-contained file ----------------------------------------------------------------------
 
 FORMAT = "shrinkml.quantize_bf16/1"
@@ -185,7 +99,9 @@ _HEAD_ATTRS = ("num_attention_heads", "all_head_size")
 
 def is_bf16_model(model: nn.Module) -> bool:
     """Whether ``model`` is a ``quantize.bf16`` output (INT8 modules or its bfloat16 input hook)."""
-    return has_int8_modules(model) or any(h is _inputs_to_bf16 for h in model._forward_pre_hooks.values())
+    from shrinkml.nn.int8 import has_int8_modules, inputs_to_bf16
+
+    return has_int8_modules(model) or any(h is inputs_to_bf16 for h in model._forward_pre_hooks.values())
 
 
 def _is_transformers_model(module: nn.Module) -> bool:
@@ -380,7 +296,11 @@ def load_int8(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     >>> encoder = load_int8("out/model.safetensors")  # doctest: +SKIP
     >>> net = load_int8("out/model.safetensors", model=my_factory())  # doctest: +SKIP
     """
+    import torch
+    from torch import nn
+
     from shrinkml.models.safetensors_io import fit_module_to_state_dict, load_state_dict
+    from shrinkml.nn.int8 import Int8Embedding, Int8Linear, inputs_to_bf16, output_to_float32, replace_module
 
     if isinstance(path, nn.Module):  # load_int8(model, path)
         path, model = model, path
@@ -424,7 +344,8 @@ def load_int8(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
                 found=type(module).__name__ if module is not None else "no such module",
                 fix="pass model= the architecture the file was written from",
             )
-        _set(out, name, (Int8Linear if isinstance(module, nn.Linear) else Int8Embedding)(module, values=False))
+        int8_cls = Int8Linear if isinstance(module, nn.Linear) else Int8Embedding
+        replace_module(out, name, int8_cls(module, values=False))
     out = out.to(torch.bfloat16)  # what the step did: float non-persistent buffers compute in bfloat16 too
     try:  # assign: the file's tensors (and dtypes) become the model's, nothing of `model` is read
         result = out.load_state_dict(state, strict=False, assign=True)
@@ -449,26 +370,9 @@ def load_int8(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
             fix="pass model= the architecture the file was written from (built on the CPU if it has"
             " non-persistent buffers)",
         )
-    out.register_forward_pre_hook(_inputs_to_bf16)
-    out.register_forward_hook(_output_to_float32)
+    out.register_forward_pre_hook(inputs_to_bf16)
+    out.register_forward_hook(output_to_float32)
     return out
-
-
-def has_int8_modules(model: nn.Module) -> bool:
-    return any(isinstance(m, _Int8Weight) for m in model.modules())
-
-
-# --- float32 in, float32 out ---------------------------------------------------------------------
-
-
-def _inputs_to_bf16(_module: nn.Module, args: tuple) -> tuple:
-    return tuple(a.to(torch.bfloat16) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-
-def _output_to_float32(_module: nn.Module, _args: tuple, output: Any) -> Any:
-    if torch.is_tensor(output) and output.is_floating_point():
-        return output.float()
-    return output
 
 
 def _drop_unused_pooler(model: nn.Module) -> list[str]:
@@ -492,6 +396,19 @@ def cpu_native_bf16() -> bool:
 
 @register("quantize.bf16", QuantizeBf16Config, accepts=("torch",), produces="torch", runtime="torch")
 def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> StepResult:
+    import torch
+    from torch import nn
+
+    from shrinkml.nn.int8 import (
+        Int8Embedding,
+        Int8Linear,
+        Int8Weight,
+        has_int8_modules,
+        inputs_to_bf16,
+        output_to_float32,
+        replace_module,
+    )
+
     model = copy.deepcopy(state.torch_model).eval()
     if any(p.dtype != torch.float32 for p in model.parameters()) or has_int8_modules(model):
         raise InputError(
@@ -519,9 +436,9 @@ def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> St
             if name in kept:
                 continue
             if isinstance(module, nn.Linear):
-                _set(model, name, Int8Linear(module))
+                replace_module(model, name, Int8Linear(module))
             elif isinstance(module, nn.Embedding) and config.quantize_embeddings:
-                _set(model, name, Int8Embedding(module))
+                replace_module(model, name, Int8Embedding(module))
             else:
                 continue
             int8_layers.append(name)
@@ -535,14 +452,14 @@ def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> St
                 found=f"{len(kept)} kept float" if kept else "none in the model",
                 fix="use weights: bfloat16, or narrow keep_float",
             )
-    scales = {id(m): m.weight_scale for m in model.modules() if isinstance(m, _Int8Weight)}
+    scales = {id(m): m.weight_scale for m in model.modules() if isinstance(m, Int8Weight)}
     model = model.to(torch.bfloat16)
     for module in model.modules():  # .to() casts float buffers: the INT8 codes' scales stay float32
-        if isinstance(module, _Int8Weight):
+        if isinstance(module, Int8Weight):
             module.weight_scale = scales[id(module)]
             module.weight = module.dequantized()
-    model.register_forward_pre_hook(_inputs_to_bf16)
-    model.register_forward_hook(_output_to_float32)
+    model.register_forward_pre_hook(inputs_to_bf16)
+    model.register_forward_hook(output_to_float32)
     native = cpu_native_bf16()
     summary = {
         "weights": config.weights,

@@ -3,15 +3,15 @@ file, activations quantized on the fly at inference."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import onnx
 from pydantic import Field
 
 from shrinkml.errors import InputError
-from shrinkml.runtimes.export import export_verified
-from shrinkml.runtimes.onnx_names import module_name, select_nodes
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+
+if TYPE_CHECKING:
+    import onnx
 
 # ONNX Runtime's ConvInteger kernel is slower than its FP32 Conv on x86 CPUs, so by default only the
 # ops whose INT8 kernels are fast are quantized; add "Conv" to trade speed for a smaller file.
@@ -43,6 +43,8 @@ def float_onnx(state: ModelState, ctx: StepContext) -> tuple[onnx.ModelProto, di
     """The model as float ONNX: exported and verified against PyTorch when it is a torch model."""
     if state.kind == "onnx":
         return state.onnx_model, {}
+    from shrinkml.runtimes.export import export_verified
+
     model, diff = export_verified(
         state.torch_model,
         ctx.example_input,
@@ -56,6 +58,7 @@ def float_onnx(state: ModelState, ctx: StepContext) -> tuple[onnx.ModelProto, di
 def build_quantizer(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext):
     """``(float_model, quantize, summary)``: ``quantize(keep)`` returns the INT8 model with the
     nodes named in ``keep`` left in float."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -114,6 +117,8 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     "quantize.dynamic", QuantizeDynamicConfig, accepts=("torch", "onnx"), produces="onnx", quantizer=build_quantizer
 )
 def apply(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext) -> StepResult:
+    from shrinkml.runtimes.onnx_names import module_name, select_nodes
+
     float_model, quantize, summary = build_quantizer(state, config, ctx)
     if config.keep_float == "auto":
         from shrinkml.quant.sensitivity import choose_keep_float

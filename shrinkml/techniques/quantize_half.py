@@ -22,27 +22,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import onnx
 from pydantic import Field, model_validator
 
 from shrinkml.errors import InputError
-from shrinkml.runtimes.onnx_names import node_matches, select_nodes
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 from shrinkml.techniques.quantize_dynamic import float_onnx
+
+if TYPE_CHECKING:
+    import onnx
 
 WHERE = "quantize.half"
 # The ops that hold most of the arithmetic: their input type is the model's compute type.
 _COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _FP16_MAX = 65504.0
-_TYPE_NAMES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.BFLOAT16: "bfloat16",
-    onnx.TensorProto.DOUBLE: "float64",
-}
 NO_NATIVE_FP16_NOTE = (
     "this CPU has no native FP16 arithmetic; ONNX Runtime may run FP16 ops slower than FP32 — the"
     " report's latency figures show the real effect"
@@ -89,6 +84,8 @@ def cpu_native_fp16(cpuinfo: str | None = None) -> bool | None:
 def _kept_nodes(model: onnx.ModelProto, patterns: Iterable[str]) -> list[str]:
     """Names of the nodes (any op) matching ``patterns``; a pattern matching no node at all is an
     error, raised with the same message as weight-layer selection."""
+    from shrinkml.runtimes.onnx_names import node_matches, select_nodes
+
     patterns = list(patterns)
     kept = [n.name for n in model.graph.node if node_matches(n, patterns)]
     for pattern in patterns:
@@ -98,6 +95,7 @@ def _kept_nodes(model: onnx.ModelProto, patterns: Iterable[str]) -> list[str]:
 
 
 def _to_float16(model: onnx.ModelProto, kept: list[str], keep_io: bool) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -132,6 +130,8 @@ def _to_bfloat16(model: onnx.ModelProto, kept: list[str]) -> tuple[onnx.ModelPro
     each followed by a Cast to float32. Biases, norms' scales and scalar constants stay float32:
     they hold little of the size, and bfloat16's 8-bit mantissa would round constants such as
     1/sqrt(d) by up to 0.4%."""
+    import onnx
+
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     kept_set = set(kept)
@@ -187,6 +187,14 @@ def ort_compute_dtypes(payload: bytes, workdir: Path, *, threads: int = 1) -> di
     """The element type each compute-heavy op (Conv, Gemm, MatMul) runs in on ONNX Runtime's CPU
     provider: the provider casts ops it has no kernel for to float32 when the session loads, so the
     graph it will run (saved with graph optimizations off) shows the real type."""
+    import onnx
+
+    type_names = {
+        onnx.TensorProto.FLOAT: "float32",
+        onnx.TensorProto.FLOAT16: "float16",
+        onnx.TensorProto.BFLOAT16: "bfloat16",
+        onnx.TensorProto.DOUBLE: "float64",
+    }
     path = workdir / "quantize_half.placed.onnx"
     _session(payload, threads=threads, level="ORT_DISABLE_ALL", optimized_path=path)
     placed = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
@@ -196,7 +204,7 @@ def ort_compute_dtypes(payload: bytes, workdir: Path, *, threads: int = 1) -> di
     found: dict[str, set[str]] = {}
     for node in placed.graph.node:
         if node.op_type in _COMPUTE_OPS and node.domain in ("", "ai.onnx"):
-            found.setdefault(node.op_type, set()).add(_TYPE_NAMES.get(types.get(node.input[0], 0), "unknown"))
+            found.setdefault(node.op_type, set()).add(type_names.get(types.get(node.input[0], 0), "unknown"))
     return {op: "/".join(sorted(kinds)) for op, kinds in sorted(found.items())}
 
 

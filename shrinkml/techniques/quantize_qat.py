@@ -27,27 +27,18 @@ against the ranges that will ship. BatchNorm2d layers right after a quantized Co
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import onnx
-import torch
 from pydantic import Field
-from torch import nn
 
 from shrinkml.errors import InputError
-from shrinkml.quant.fake_quant import (
-    freeze,
-    matches_module,
-    prepare_qat,
-    quantizable_layers,
-    set_observing,
-    set_quantizing,
-)
-from shrinkml.quant.onnx_fold import fold_weight_quantizers
-from shrinkml.runtimes.export import export_onnx
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 from shrinkml.techniques.finetune import distillation_loss, training_data
+
+if TYPE_CHECKING:
+    import onnx
+    from torch import nn
 
 WHERE = "quantize.qat"
 # Examples of the calibration split used to initialise the activation ranges.
@@ -80,6 +71,8 @@ class QuantizeQATConfig(StepConfig):
 
 
 def _check_keep_float(model: nn.Module, patterns: tuple[str, ...]) -> None:
+    from shrinkml.quant.fake_quant import matches_module, quantizable_layers
+
     layers = quantizable_layers(model)
     for pattern in patterns:
         if not any(matches_module(name, [pattern]) for name in layers):
@@ -94,6 +87,10 @@ def _check_keep_float(model: nn.Module, patterns: tuple[str, ...]) -> None:
 
 def _calibrate(model: nn.Module, x: np.ndarray, batch_size: int) -> int:
     """Initialise every activation range from float activations (rounding off)."""
+    import torch
+
+    from shrinkml.quant.fake_quant import set_observing, set_quantizing
+
     x = x[:CALIBRATION_EXAMPLES]
     model.eval()
     set_quantizing(model, False)
@@ -107,6 +104,8 @@ def _calibrate(model: nn.Module, x: np.ndarray, batch_size: int) -> int:
 
 def _train_mode(model: nn.Module) -> None:
     """Training mode, except BatchNorm keeps its running statistics (they are what ships)."""
+    from torch import nn
+
     model.train()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -119,6 +118,7 @@ def ort_kernel_counts(model: onnx.ModelProto, threads: int) -> dict[str, dict[st
     import tempfile
     from pathlib import Path
 
+    import onnx
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -146,6 +146,10 @@ def _train(
 ) -> tuple[list[dict[str, Any]], int]:
     """Train through the fake quantization on the fine-tune split; returns the per-epoch history and
     the step at which the activation ranges stopped moving."""
+    import torch
+
+    from shrinkml.quant.fake_quant import set_observing
+
     data = ctx.splits.finetune
     teacher = ctx.teacher.eval() if config.distill else None
     params = dict(model.named_parameters())
@@ -191,6 +195,12 @@ def _train(
 
 @register("quantize.qat", QuantizeQATConfig, accepts=("torch",), produces="onnx")
 def apply(state: ModelState, config: QuantizeQATConfig, ctx: StepContext) -> StepResult:
+    import torch
+
+    from shrinkml.quant.fake_quant import freeze, prepare_qat, quantizable_layers
+    from shrinkml.quant.onnx_fold import fold_weight_quantizers
+    from shrinkml.runtimes.export import export_onnx
+
     data, use_labels = training_data(
         ctx,
         distill=config.distill,
@@ -278,6 +288,8 @@ def apply(state: ModelState, config: QuantizeQATConfig, ctx: StepContext) -> Ste
 def _export_check(model: nn.Module, exported: onnx.ModelProto, ctx: StepContext) -> tuple[float, float]:
     """Max abs difference between ONNX Runtime (the shipped INT8 model) and the frozen fake-quant
     PyTorch model on the example input, and the largest PyTorch output magnitude."""
+    import torch
+
     from shrinkml.runtimes.onnxruntime import OrtRunner
 
     x = np.asarray(ctx.example_input, dtype=np.float32)

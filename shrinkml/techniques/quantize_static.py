@@ -11,16 +11,16 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import onnx
 from pydantic import Field
 
 from shrinkml.errors import InputError
-from shrinkml.runtimes.export import export_verified
-from shrinkml.runtimes.onnx_names import module_name, select_nodes
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+
+if TYPE_CHECKING:
+    import onnx
 
 WHERE = "quantize.static"
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
@@ -67,6 +67,8 @@ def _float_onnx(state: ModelState, config: QuantizeStaticConfig, calib_x: np.nda
                 fix="put quantize.static before steps that produce ONNX, or set smoothquant: false",
             )
         return state.onnx_model, summary
+    from shrinkml.runtimes.export import export_verified
+
     module = state.torch_model
     if config.smoothquant:
         from shrinkml.quant.smoothquant import smooth_linears
@@ -155,6 +157,7 @@ def _quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, producers: dict
     """Give a float-output Gemm an int32 bias (scale = input scale x weight scale, as ORT's
     quantizer computes it): ORT fuses ``DQ -> Gemm`` into an integer ``QGemm`` with float output
     only when the bias is dequantized too (its load-time bias quantization needs an output Q)."""
+    import onnx
     from onnx import helper, numpy_helper
 
     if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
@@ -183,7 +186,10 @@ def _quantize_bias(model: onnx.ModelProto, node: onnx.NodeProto, producers: dict
     q_name, s_name, out_name = bias.name + "_quantized", bias.name + "_scale", bias.name + "_dequantized"
     model.graph.initializer.extend([numpy_helper.from_array(q, q_name), numpy_helper.from_array(b_scale, s_name)])
     position = list(model.graph.node).index(node)
-    model.graph.node.insert(position, helper.make_node("DequantizeLinear", [q_name, s_name], [out_name]))
+    # a per-channel scale runs along the bias's only axis; the attribute's default (1) is out of range
+    # for a 1-D tensor: ONNX Runtime lets it pass, OpenVINO (and the spec) do not
+    axis = {"axis": 0} if b_scale.size > 1 else {}
+    model.graph.node.insert(position, helper.make_node("DequantizeLinear", [q_name, s_name], [out_name], **axis))
     node.input[2] = out_name
 
 
@@ -256,6 +262,8 @@ def _quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
 
 def _float_weight_initializers(model: onnx.ModelProto, keep: set[str]) -> list[str]:
     """2-D+ float initializers read directly by a node other than the kept-float ones."""
+    import onnx
+
     float_inits = {
         t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
         and len(t.dims) >= 2
@@ -266,6 +274,7 @@ def _float_weight_initializers(model: onnx.ModelProto, keep: set[str]) -> list[s
 def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepContext):
     """``(float_model, quantize, summary)``: calibrates once; ``quantize(keep)`` returns the QDQ
     model with the nodes named in ``keep`` left in float."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static, save_tensors_data
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -366,6 +375,10 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
     "quantize.static", QuantizeStaticConfig, accepts=("torch", "onnx"), produces="onnx", quantizer=build_quantizer
 )
 def apply(state: ModelState, config: QuantizeStaticConfig, ctx: StepContext) -> StepResult:
+    import onnx
+
+    from shrinkml.runtimes.onnx_names import module_name, select_nodes
+
     float_model, quantize, summary = build_quantizer(state, config, ctx)
     if config.keep_float == "auto":
         from shrinkml.quant.sensitivity import choose_keep_float

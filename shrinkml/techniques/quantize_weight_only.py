@@ -29,27 +29,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import onnx
-import torch
 from pydantic import Field, field_validator
-from torch import nn
 
 from shrinkml.errors import InputError
-from shrinkml.quant.weight_codec import (
-    GroupQuantized,
-    check_group_size,
-    ensure_ms_domain,
-    gather_block_quantized_node,
-    matmul_nbits_node,
-    remove_unused_initializers,
-    rtn_quantize,
-)
-from shrinkml.runtimes.export import export_verified
-from shrinkml.runtimes.onnx_names import module_name, select_nodes
+from shrinkml.quant.blocks import check_group_size
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 
 if TYPE_CHECKING:
+    import onnx
+    import torch
+    from torch import nn
+
     from shrinkml.quant.gptq import HessianAccumulator
+    from shrinkml.quant.weight_codec import GroupQuantized
 
 WHERE = "quantize.weight_only"
 _CALIBRATION_BATCH = 16
@@ -99,12 +91,17 @@ def _initializer_arrays(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
+    import onnx
+
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _find_targets(model: onnx.ModelProto, modules: dict[str, nn.Module]) -> list[_Target]:
     """Nodes whose weight initializer is, bit for bit, the weight of a module in ``modules``."""
     from onnx import numpy_helper
+    from torch import nn
+
+    from shrinkml.runtimes.onnx_names import module_name
 
     inits = _initializer_arrays(model)
     targets = []
@@ -137,6 +134,8 @@ def _find_targets(model: onnx.ModelProto, modules: dict[str, nn.Module]) -> list
 
 def _real_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
     """``(batch, seq)`` mask of non-padding tokens when ``model`` is a text encoder fed token ids, else None."""
+    import torch
+
     pad = getattr(model, "pad_token_id", None)
     if pad is None or batch.dim() != 2 or batch.dtype not in (torch.int32, torch.int64):
         return None
@@ -145,6 +144,8 @@ def _real_tokens(model: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
 
 def _input_grams(model: nn.Module, names: list[str], ctx: StepContext, size: int) -> dict[str, HessianAccumulator]:
     """``X^T X`` of each named Linear's inputs on up to ``size`` calibration examples."""
+    import torch
+
     from shrinkml.quant.gptq import HessianAccumulator
 
     modules = dict(model.named_modules())
@@ -192,6 +193,11 @@ def _output_sqnr_db(weight: torch.Tensor, dequantized: torch.Tensor, gram: torch
 def _quantize_module(
     name: str, module: nn.Module, config: QuantizeWeightOnlyConfig, grams: dict
 ) -> GroupQuantized:
+    import torch
+    from torch import nn
+
+    from shrinkml.quant.weight_codec import rtn_quantize
+
     weight = module.weight.detach().float().cpu()
     if config.method == "gptq" and isinstance(module, nn.Linear) and grams[name].rows:
         from shrinkml.quant.gptq import gptq_quantize
@@ -219,6 +225,15 @@ def _rewrite(
     float_model: onnx.ModelProto, targets: list[_Target], quantized: dict[str, GroupQuantized], keep: set[str]
 ) -> onnx.ModelProto:
     """The float model with every target node not in ``keep`` replaced by its quantized form."""
+    import onnx
+
+    from shrinkml.quant.weight_codec import (
+        ensure_ms_domain,
+        gather_block_quantized_node,
+        matmul_nbits_node,
+        remove_unused_initializers,
+    )
+
     model = copy.deepcopy(float_model)
     by_node = {t.node: t for t in targets if t.node not in keep}
     added: set[str] = set()
@@ -262,6 +277,8 @@ def _deploy_diff(
 ) -> tuple[float, float]:
     """Max abs difference, ONNX Runtime vs PyTorch with the dequantized weights; and the reference's
     largest magnitude (the tolerance is relative to it)."""
+    import torch
+
     from shrinkml.runtimes.onnxruntime import OrtRunner
 
     reference = copy.deepcopy(model).eval()
@@ -285,6 +302,8 @@ def _keep_nodes(
         return set(kept), {"keep_float_auto": summary}
     if not keep_float:
         return set(), {}
+    from shrinkml.runtimes.onnx_names import select_nodes
+
     return set(select_nodes(float_onnx, keep_float, where=f"{WHERE}.keep_float")), {}
 
 
@@ -305,6 +324,10 @@ class _Prepared:
 
 
 def _prepare(state: ModelState, config: QuantizeWeightOnlyConfig, ctx: StepContext) -> _Prepared:
+    from torch import nn
+
+    from shrinkml.runtimes.export import export_verified
+
     model = state.torch_model
     wanted = (nn.Linear, nn.Embedding) if config.quantize_embeddings else (nn.Linear,)
     modules = {name: m for name, m in model.named_modules() if isinstance(m, wanted)}
@@ -362,6 +385,8 @@ def build_quantizer(state: ModelState, config: QuantizeWeightOnlyConfig, ctx: St
     "quantize.weight_only", QuantizeWeightOnlyConfig, accepts=("torch",), produces="onnx", quantizer=build_quantizer
 )
 def apply(state: ModelState, config: QuantizeWeightOnlyConfig, ctx: StepContext) -> StepResult:
+    from torch import nn
+
     model = state.torch_model
     p = _prepare(state, config, ctx)
     float_onnx, export_diff, modules, targets = p.float_onnx, p.export_diff, p.modules, p.targets

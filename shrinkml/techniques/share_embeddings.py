@@ -26,18 +26,17 @@ Recipe step::
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import onnx
-import torch
-from onnx import helper, numpy_helper
 from pydantic import Field
 
 from shrinkml.errors import InputError
-from shrinkml.measure.params import SHARED_CODEBOOK, SHARED_CODES, SHARED_OFFSETS
 from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
 from shrinkml.techniques.quantize_dynamic import float_onnx
+
+if TYPE_CHECKING:
+    import onnx
 
 WHERE = "share.embeddings"
 _DISTANCE_BUDGET = 64 * 2**20  # float32 distances held at once during k-means (256 MiB)
@@ -66,6 +65,8 @@ def product_quantize(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(codes (rows, m) uint8, codebooks (m, k, vector_size) float32)`` with
     ``m = width / vector_size`` and ``k = min(codebook_size, rows)``, by seeded k-means per position."""
+    import torch
+
     rows, width = table.shape
     m, k = width // vector_size, min(codebook_size, rows)
     x = torch.from_numpy(np.array(table, dtype=np.float32)).reshape(rows, m, vector_size)
@@ -106,6 +107,9 @@ def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 
 def _tables(model: onnx.ModelProto, config: ShareEmbeddingsConfig) -> dict[str, list[onnx.NodeProto]]:
     """Float rank-2 initializers read by ``Gather`` (axis 0) and by nothing else, with their Gathers."""
+    import onnx
+    from onnx import helper
+
     inits = {t.name: t for t in model.graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
@@ -141,6 +145,8 @@ def _tables(model: onnx.ModelProto, config: ShareEmbeddingsConfig) -> dict[str, 
 
 
 def _saves_bytes(table: onnx.TensorProto, config: ShareEmbeddingsConfig) -> bool:
+    from onnx import helper
+
     rows, width = table.dims
     itemsize = helper.tensor_dtype_to_np_dtype(table.data_type).itemsize
     m, k = width // config.vector_size, min(config.codebook_size, rows)
@@ -148,6 +154,8 @@ def _saves_bytes(table: onnx.TensorProto, config: ShareEmbeddingsConfig) -> bool
 
 
 def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    import onnx
+
     out = onnx.NodeProto()
     out.CopyFrom(node)
     return out
@@ -155,6 +163,11 @@ def copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
 
 def _rewrite(model: onnx.ModelProto, name: str, gathers: list[onnx.NodeProto], codes: np.ndarray,
              codebooks: np.ndarray, dtype: int) -> None:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from shrinkml.measure.params import SHARED_CODEBOOK, SHARED_CODES, SHARED_OFFSETS
+
     m, k, d = codebooks.shape
     graph = model.graph
     prefix = name.replace("/", "_")
@@ -197,6 +210,9 @@ def _run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> np.ndarray:
 
 @register("share.embeddings", ShareEmbeddingsConfig, accepts=("torch", "onnx"), produces="onnx")
 def apply(state: ModelState, config: ShareEmbeddingsConfig, ctx: StepContext) -> StepResult:
+    import onnx
+    from onnx import numpy_helper
+
     before, summary = float_onnx(state, ctx)
     model = onnx.ModelProto()
     model.CopyFrom(before)

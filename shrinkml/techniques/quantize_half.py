@@ -72,6 +72,11 @@ class QuantizeHalfConfig(StepConfig):
         return self
 
 
+def _float32_if_float(x) -> np.ndarray:
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "f" else x
+
+
 def cpu_native_fp16(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU does FP16 arithmetic natively (x86 AVX512-FP16 or AMX-FP16; Arm FP16 SIMD),
     from ``/proc/cpuinfo``. ``f16c`` only converts, so it does not count. None when unknown."""
@@ -264,8 +269,8 @@ def apply(state: ModelState, config: QuantizeHalfConfig, ctx: StepContext) -> St
     try:
         by_op = ort_compute_dtypes(payload, ctx.workdir, threads=ctx.threads)
         runner = _session(payload, threads=ctx.threads, level="ORT_ENABLE_ALL")
-        x = np.asarray(ctx.example_input, dtype=np.float32)
-        feed = x if config.keep_io_float32 else x.astype(np.float16)
+        x = _float32_if_float(ctx.example_input)  # token ids stay integers
+        feed = x if config.keep_io_float32 or x.dtype.kind != "f" else x.astype(np.float16)
         got = runner.run(None, {runner.get_inputs()[0].name: feed})[0].astype(np.float64)
     except Exception as exc:  # ORT raises its own exception types
         raise InputError(

@@ -292,7 +292,9 @@ def _export_check(model: nn.Module, exported: onnx.ModelProto, ctx: StepContext)
 
     from shrinkml.runtimes.onnxruntime import OrtRunner
 
-    x = np.asarray(ctx.example_input, dtype=np.float32)
+    x = np.asarray(ctx.example_input)
+    if x.dtype.kind == "f":  # token ids stay integers
+        x = x.astype(np.float32)
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).float().numpy().astype(np.float64)
     got = OrtRunner(exported.SerializeToString(), threads=ctx.threads).run(x).astype(np.float64)

@@ -28,6 +28,35 @@ def _openvino():
     return openvino
 
 
+def _reason(exc: Exception) -> str:
+    """OpenVINO's message without its source-location lines ("Exception from src/...:132:",
+    "Check 'false' failed at ..."), which come first and say nothing to a user: what is left names
+    the cause (e.g. "No conversion rule found for operations: com.microsoft.Inverse")."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(("Exception from ", "Check '"))]
+    return " ".join(kept or [line for line in lines if line][:1] or [type(exc).__name__])
+
+
+def _cannot_run(exc: Exception, path: str | Path, action: str) -> InputError:
+    return InputError(
+        f"OpenVINO cannot {action} this model",
+        where=f"{Path(path).name} on --runtime openvino",
+        found=_reason(exc)[:300],
+        fix="use --runtime onnxruntime (the default) for graphs with operators OpenVINO's ONNX frontend does not"
+        " implement (some ONNX Runtime contrib operators, com.microsoft)",
+    )
+
+
+def read_model(path: str | Path):
+    """The ONNX file converted by OpenVINO's ONNX frontend (no compilation): a graph with an
+    operator it cannot convert is an input error here, before any step of a recipe runs."""
+    ov = _openvino()
+    try:
+        return ov.Core().read_model(str(path))
+    except RuntimeError as exc:
+        raise _cannot_run(exc, path, "read") from None
+
+
 def compile_model(path: str | Path, *, threads: int):
     """The ONNX file compiled for OpenVINO's CPU plugin: ``threads`` inference threads, one stream,
     latency hint (one request at a time, as every model is timed here)."""
@@ -37,14 +66,7 @@ def compile_model(path: str | Path, *, threads: int):
     try:
         return core.compile_model(str(path), "CPU", config)
     except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or ["?"])[0]
-        raise InputError(
-            "OpenVINO cannot compile this model",
-            where=f"{Path(path).name} on --runtime openvino",
-            found=first[:300],
-            fix="use --runtime onnxruntime for recipes whose ONNX holds ONNX Runtime-only operators"
-            " (quantize.dynamic, quantize.weight_only); quantize.static's QDQ INT8 runs on OpenVINO",
-        ) from None
+        raise _cannot_run(exc, path, "compile") from None
 
 
 def _type_name(value) -> str:
@@ -82,8 +104,10 @@ class OpenVinoRuntime:
         from shrinkml.artifacts import onnx_artifact
 
         _openvino()  # before any export: a missing install is an input error, found first
-        return onnx_artifact(state, label, self.name, example=example, workdir=workdir, threads=threads,
-                             tolerance=export_tolerance, opset=opset, sparse=False)
+        artifact = onnx_artifact(state, label, self.name, example=example, workdir=workdir, threads=threads,
+                                 tolerance=export_tolerance, opset=opset, sparse=False)
+        read_model(artifact.path)  # the baseline is prepared before any step: unsupported operators fail now
+        return artifact
 
     def runner(self, artifact, *, threads: int) -> OvRunner:
         return OvRunner(artifact.path, threads=threads)

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, field_validator
 
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import (
+    ModelState,
+    StepConfig,
+    StepContext,
+    StepResult,
+    register,
+)
 
 if TYPE_CHECKING:
     import onnx
@@ -192,9 +198,9 @@ def _quiet_nncf() -> Iterator[list[str]]:
 
 
 def _failed(exc: Exception, fix: str) -> InputError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or ["no message"]
     return InputError(
-        f"NNCF could not quantize the model ({type(exc).__name__}: {' '.join(first[:3])})", where=WHERE, fix=fix
+        f"NNCF could not quantize the model ({type(exc).__name__}: {' '.join(lines[:3])})", where=WHERE, fix=fix
     )
 
 
@@ -232,7 +238,7 @@ def _quantize_int8(model: onnx.ModelProto, config: QuantizeNncfConfig, ctx: Step
                 model_type=nncf.ModelType.TRANSFORMER if transformer else None,
                 advanced_parameters=advanced,
             )
-        except (MemoryError, KeyboardInterrupt):
+        except MemoryError:
             raise
         except Exception as exc:
             raise _failed(exc, "check the model runs in ONNX Runtime, or use quantize.static") from exc
@@ -240,7 +246,7 @@ def _quantize_int8(model: onnx.ModelProto, config: QuantizeNncfConfig, ctx: Step
         model_type="transformer" if transformer else "cnn",
         model_type_chosen_by=chosen_by,
         preset=preset,
-        calibration_examples=int(len(x)),
+        calibration_examples=len(x),
         calibration_batch_size=batch,
         fast_bias_correction=config.fast_bias_correction,
     )
@@ -256,7 +262,7 @@ def _compress_weights(model: onnx.ModelProto, config: QuantizeNncfConfig, ctx: S
     with _quiet_nncf() as warnings:
         try:
             compressed = nncf.compress_weights(model, mode=mode, group_size=config.group_size if int4 else None)
-        except (MemoryError, KeyboardInterrupt):
+        except MemoryError:
             raise
         except Exception as exc:
             fix = "set group_size to a power of 2 that divides every layer's input size" if int4 else (

@@ -185,16 +185,15 @@ def _measure(baseline_rss: int, load_and_run: Callable[[], None]) -> int:
 
 
 def _child_onnx(args: dict) -> int:
-    import onnxruntime as ort
+    import onnxruntime  # noqa: F401  (imported before the baseline, like the other runtimes)
     import psutil
+
+    from shrinkml.runtimes.onnxruntime import session as ort_session
 
     baseline = psutil.Process().memory_info().rss
 
     def load_and_run() -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args["threads"]
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(args["model"], options, providers=["CPUExecutionProvider"])
+        session = ort_session(args["model"], threads=args["threads"])
         with np.load(args["inputs"]) as data:
             feed = {name: data[name] for name in data.files}
         for _ in range(2):

@@ -49,8 +49,6 @@ def export_hf_layout(module: nn.Module, tokenizer: Any, ids: np.ndarray, dest: P
 
     Raises ``ValueError`` when ONNX Runtime's output differs from PyTorch's by more than ``tolerance``.
     """
-    import onnxruntime as ort
-
     from shrinkml.atomic import write_bytes
     from shrinkml.runtimes.export import eager_attention
 
@@ -71,10 +69,9 @@ def export_hf_layout(module: nn.Module, tokenizer: Any, ids: np.ndarray, dest: P
                           do_constant_folding=True)
         expected = wrapper(*(torch.from_numpy(feeds[n]) for n in names)).float().numpy()
     payload = buffer.getvalue()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
-    got = session.run([output], feeds)[0]
+    from shrinkml.runtimes.onnxruntime import session
+
+    got = session(payload, threads=threads).run([output], feeds)[0]
     if kind != "classifier":  # padding positions are never read by pooling: compare real tokens only
         real = feeds["attention_mask"].astype(bool)
         got, expected = got[real], expected[real]

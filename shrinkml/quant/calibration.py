@@ -134,16 +134,11 @@ def tensors_to_calibrate(model: onnx.ModelProto, op_types: list[str]) -> list[st
 
 
 def _session(model: onnx.ModelProto | str, threads: int):
-    import onnxruntime as ort
+    from shrinkml.runtimes.onnxruntime import session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    # no graph optimization: fusions could remove the intermediate tensors being measured
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    # no graph optimization: fusions could remove the intermediate tensors being measured
+    return session(source, threads=threads, optimization="ORT_DISABLE_ALL")
 
 
 @dataclass

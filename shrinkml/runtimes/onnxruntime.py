@@ -16,16 +16,25 @@ _DTYPES = {
 }
 
 
-def session(model: str | Path | bytes, *, threads: int):
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads, one inter-op thread, all graph
-    optimizations and thread spinning off."""
+def session(
+    model: str | Path | bytes, *, threads: int, optimization: str = "ORT_ENABLE_ALL",
+    optimized_path: str | Path | None = None,
+):
+    """The one way shrinkml opens an ONNX Runtime CPU session: ``threads`` intra-op threads, one
+    inter-op thread, sequential execution, thread spinning off, errors-only logging.
+
+    ``optimization`` is a ``GraphOptimizationLevel`` name (``ORT_DISABLE_ALL`` where intermediate
+    tensors must survive, e.g. calibration); ``optimized_path`` saves the graph ORT will run.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, optimization)
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
     options.log_severity_level = 3
     # Idle sessions' spinning worker threads would steal the cores from the session being
     # timed when several are interleaved (baseline and compressed); the same for all models.

@@ -176,16 +176,9 @@ def _to_bfloat16(model: onnx.ModelProto, kept: list[str]) -> tuple[onnx.ModelPro
 
 
 def _session(payload: bytes, *, threads: int, level: str, optimized_path: Path | None = None):
-    import onnxruntime as ort
+    from shrinkml.runtimes.onnxruntime import session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
-    if optimized_path is not None:
-        options.optimized_model_filepath = str(optimized_path)
-    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    return session(payload, threads=threads, optimization=level, optimized_path=optimized_path)
 
 
 def ort_compute_dtypes(payload: bytes, workdir: Path, *, threads: int = 1) -> dict[str, str]:

@@ -119,17 +119,13 @@ def ort_kernel_counts(model: onnx.ModelProto, threads: int) -> dict[str, dict[st
     from pathlib import Path
 
     import onnx
-    import onnxruntime as ort
+
+    from shrinkml.runtimes.onnxruntime import session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
         # EXTENDED has every QDQ fusion; ALL adds only hardware-specific layouts on top
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(path)
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session(model.SerializeToString(), threads=threads, optimization="ORT_ENABLE_EXTENDED", optimized_path=path)
         placed = onnx.load(str(path))
     integer: dict[str, int] = {}
     float_ops: dict[str, int] = {}

@@ -7,6 +7,7 @@ A task is one module with one ``Task`` subclass, registered in ``shrinkml.core.r
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -111,7 +112,7 @@ def accuracy_scores(outputs: np.ndarray, data: ArrayData) -> dict[str, np.ndarra
     return {}
 
 
-class Task:
+class Task(ABC):
     """Base of every task. Subclasses set ``name`` and ``needs_labels`` and implement
     ``primary_metric`` and ``scores``; they extend the checks where the task means more."""
 
@@ -119,12 +120,13 @@ class Task:
     needs_labels: bool = False
     description: str = ""
 
+    @abstractmethod
     def primary_metric(self, outputs_shape: tuple[int, ...]) -> str:
-        raise NotImplementedError
+        """The metric the budget reads, for outputs of this shape."""
 
+    @abstractmethod
     def scores(self, outputs: np.ndarray, data: ArrayData, reference: np.ndarray) -> dict[str, np.ndarray]:
         """Per-example scores on ``data``; ``reference`` holds the original model's outputs."""
-        raise NotImplementedError
 
     def statistics(self) -> dict[str, tuple[str, Callable[[np.ndarray], float]]]:
         """Metrics that are not means: ``name -> (per-example score they summarise, statistic)``;

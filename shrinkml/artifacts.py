@@ -66,16 +66,10 @@ def onnx_artifact(
 
     from shrinkml.measure.macs import onnx_macs
     from shrinkml.measure.params import onnx_param_counts
-    from shrinkml.runtimes.export import export_verified
+    from shrinkml.runtimes.export import state_to_onnx
     from shrinkml.runtimes.onnx_sparse import encode_sparse_initializers
 
-    diff = None
-    if state.kind == "torch":
-        model, diff = export_verified(
-            state.torch_model, example, tolerance=tolerance, threads=threads, opset=opset, label=label
-        )
-    else:
-        model, diff = state.onnx_model, state.export_max_abs_diff
+    model, diff = state_to_onnx(state, example=example, tolerance=tolerance, threads=threads, opset=opset, label=label)
     input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
     macs = onnx_macs(model, {input_name: [1, *example.shape[1:]]})
     encoded, encoding = encode_sparse_initializers(model) if sparse else (model, {})

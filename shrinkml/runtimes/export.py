@@ -124,3 +124,26 @@ def export_verified(
             " flow), raise --export-tolerance if the difference is acceptable, or use --runtime torch",
         )
     return model, diff
+
+
+def state_to_onnx(
+    state, *, example: np.ndarray, tolerance: float, threads: int, opset: int = 17, label: str = "model",
+    module: torch.nn.Module | None = None,
+) -> tuple[onnx.ModelProto, float | None]:
+    """The one float ONNX of a model state (``shrinkml.techniques.base.ModelState``): an ONNX state as
+    it is (with the difference its own export recorded), a PyTorch state exported and verified.
+    ``module``: a transformed copy of the state's model to export instead (e.g. SmoothQuant's)."""
+    if state.kind == "onnx" and module is None:
+        return state.onnx_model, state.export_max_abs_diff
+    return export_verified(module if module is not None else state.torch_model, example, tolerance=tolerance,
+                           threads=threads, opset=opset, label=label)
+
+
+def float_onnx(state, ctx, *, module: torch.nn.Module | None = None) -> tuple[onnx.ModelProto, dict]:
+    """``state_to_onnx`` with a step's context, and the export check for the step's summary (empty
+    for an ONNX state, which no export of this step produced)."""
+    model, diff = state_to_onnx(state, example=ctx.example_input, tolerance=ctx.export_tolerance,
+                                threads=ctx.threads, opset=ctx.opset, module=module)
+    if state.kind == "onnx" and module is None:
+        return model, {}
+    return model, {"export_max_abs_diff": diff, "export_tolerance": ctx.export_tolerance}

@@ -40,19 +40,11 @@ class QuantizeDynamicConfig(StepConfig):
 
 
 def float_onnx(state: ModelState, ctx: StepContext) -> tuple[onnx.ModelProto, dict]:
-    """The model as float ONNX: exported and verified against PyTorch when it is a torch model."""
-    if state.kind == "onnx":
-        return state.onnx_model, {}
-    from shrinkml.runtimes.export import export_verified
+    """The model as float ONNX (``shrinkml.runtimes.export.float_onnx``: exported and verified
+    against PyTorch when it is a torch model)."""
+    from shrinkml.runtimes.export import float_onnx as export_float_onnx
 
-    model, diff = export_verified(
-        state.torch_model,
-        ctx.example_input,
-        tolerance=ctx.export_tolerance,
-        threads=ctx.threads,
-        opset=ctx.opset,
-    )
-    return model, {"export_max_abs_diff": diff, "export_tolerance": ctx.export_tolerance}
+    return export_float_onnx(state, ctx)
 
 
 def build_quantizer(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext):

@@ -67,18 +67,15 @@ def _float_onnx(state: ModelState, config: QuantizeStaticConfig, calib_x: np.nda
                 fix="put quantize.static before steps that produce ONNX, or set smoothquant: false",
             )
         return state.onnx_model, summary
-    from shrinkml.runtimes.export import export_verified
+    from shrinkml.runtimes.export import float_onnx
 
-    module = state.torch_model
+    module = None
     if config.smoothquant:
         from shrinkml.quant.smoothquant import smooth_linears
 
-        module, summary["smoothquant"] = smooth_linears(module, calib_x, alpha=config.smoothquant_alpha)
-    model, diff = export_verified(
-        module, ctx.example_input, tolerance=ctx.export_tolerance, threads=ctx.threads, opset=ctx.opset
-    )
-    summary.update(export_max_abs_diff=diff, export_tolerance=ctx.export_tolerance)
-    return model, summary
+        module, summary["smoothquant"] = smooth_linears(state.torch_model, calib_x, alpha=config.smoothquant_alpha)
+    model, export = float_onnx(state, ctx, module=module)
+    return model, {**summary, **export}
 
 
 def fold_quantized_weights(model: onnx.ModelProto) -> int:

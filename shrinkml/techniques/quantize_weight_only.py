@@ -326,7 +326,7 @@ class _Prepared:
 def _prepare(state: ModelState, config: QuantizeWeightOnlyConfig, ctx: StepContext) -> _Prepared:
     from torch import nn
 
-    from shrinkml.runtimes.export import export_verified
+    from shrinkml.runtimes.export import state_to_onnx
 
     model = state.torch_model
     wanted = (nn.Linear, nn.Embedding) if config.quantize_embeddings else (nn.Linear,)
@@ -344,8 +344,8 @@ def _prepare(state: ModelState, config: QuantizeWeightOnlyConfig, ctx: StepConte
             fix="use quantize.dynamic or quantize.static for convolutional models",
         )
 
-    float_onnx, export_diff = export_verified(
-        model, ctx.example_input, tolerance=ctx.export_tolerance, threads=ctx.threads, opset=ctx.opset
+    float_onnx, export_diff = state_to_onnx(
+        state, example=ctx.example_input, tolerance=ctx.export_tolerance, threads=ctx.threads, opset=ctx.opset
     )
     targets = _find_targets(float_onnx, modules)
     if not targets:

@@ -46,39 +46,55 @@ class SplitFractions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     calibration: float = Field(0.1, gt=0, lt=1)
-    finetune: float = Field(0.6, ge=0, lt=1)
+    finetune: float = Field(0.5, ge=0, lt=1)
+    validation: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.3, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _sum_to_at_most_one(self) -> SplitFractions:
-        if self.calibration + self.finetune + self.test > 1 + 1e-9:
-            raise ValueError("calibration + finetune + test must be at most 1")
+        if self.calibration + self.finetune + self.validation + self.test > 1 + 1e-9:
+            raise ValueError("calibration + finetune + validation + test must be at most 1")
         return self
 
 
 @dataclass(frozen=True)
 class Splits:
-    """Disjoint parts of the user's data. ``test`` is never used for calibration or training."""
+    """Disjoint parts of the user's data. ``calibration`` feeds quantizers, ``finetune`` training,
+    ``validation`` every choice made inside a run (``keep_float: auto``, searches); ``test`` only the
+    final measurement, never a choice."""
 
     calibration: ArrayData
     finetune: ArrayData
     test: ArrayData
     source: str
     seed: int
+    validation: ArrayData | None = None
 
     def sizes(self) -> dict[str, int]:
-        return {"calibration": len(self.calibration), "finetune": len(self.finetune), "test": len(self.test)}
+        sizes = {"calibration": len(self.calibration), "finetune": len(self.finetune)}
+        if self.validation is not None:
+            sizes["validation"] = len(self.validation)
+        return {**sizes, "test": len(self.test)}
+
+    def named(self) -> list[tuple[str, ArrayData]]:
+        """Every split that is there, by name, test last."""
+        parts = [("calibration", self.calibration), ("fine-tune", self.finetune)]
+        if self.validation is not None:
+            parts.append(("validation", self.validation))
+        return [*parts, ("test", self.test)]
 
 
 def make_splits(
     data: ArrayData, *, seed: int, fractions: SplitFractions | None = None, source: str = "data"
 ) -> Splits:
-    """Shuffle with ``seed`` and cut into calibration / fine-tune / test (disjoint, deterministic)."""
+    """Shuffle with ``seed`` and cut into calibration / test / fine-tune / validation (disjoint,
+    deterministic; the order keeps calibration and test the same whatever the other fractions)."""
     fractions = fractions or SplitFractions()
     n = len(data)
     n_cal = int(round(n * fractions.calibration))
     n_test = int(round(n * fractions.test))
     n_ft = min(int(round(n * fractions.finetune)), n - n_cal - n_test)
+    n_val = min(int(round(n * fractions.validation)), n - n_cal - n_test - n_ft)
     if n_cal < 1 or n_test < 2:
         raise InputError(
             "the data is too small to split",
@@ -89,4 +105,6 @@ def make_splits(
         )
     order = np.random.default_rng(seed).permutation(n)
     cal, test, ft = order[:n_cal], order[n_cal : n_cal + n_test], order[n_cal + n_test : n_cal + n_test + n_ft]
-    return Splits(data.subset(cal), data.subset(ft), data.subset(test), source=source, seed=seed)
+    val = order[n_cal + n_test + n_ft : n_cal + n_test + n_ft + n_val]
+    return Splits(data.subset(cal), data.subset(ft), data.subset(test), source=source, seed=seed,
+                  validation=data.subset(val))

@@ -27,7 +27,7 @@ from shrinkml.data.arrays import ArrayData, SplitFractions, Splits, make_splits
 from shrinkml.errors import InputError
 from shrinkml.imports import import_object
 
-SPLIT_NAMES = ("calibration", "finetune", "test")
+SPLIT_NAMES = ("calibration", "finetune", "validation", "test")
 MAX_NPZ_BYTES = 4 * 2**30  # arrays read from one .npz, in total
 NPZ_INFLATE_FLOOR = 256 * 2**20  # a compressed .npz may always inflate to this much
 # Beyond the floor, inflated bytes per byte of file. Real numeric data deflates far less (deflate
@@ -355,5 +355,6 @@ def load_data(
         data = _materialize(spec, source)
     if isinstance(data, dict):
         empty = ArrayData(data["test"].x[:0], None if data["test"].y is None else data["test"].y[:0])
-        return Splits(data["calibration"], data.get("finetune", empty), data["test"], source=source, seed=seed)
+        return Splits(data["calibration"], data.get("finetune", empty), data["test"], source=source, seed=seed,
+                      validation=data.get("validation"))
     return make_splits(data, seed=seed, fractions=fractions, source=source)

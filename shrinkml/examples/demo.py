@@ -85,7 +85,8 @@ def train_classifier(
 
 
 def demo_data(seed: int = 0) -> Splits:
-    """Digits split into calibration 10% / fine-tune (also the FP32 training set) 60% / test 30%."""
+    """Digits split into calibration 10% / fine-tune (also the FP32 training set) 50% / validation 10% /
+    test 30%."""
     return load_data("builtin:digits", seed=seed)
 
 

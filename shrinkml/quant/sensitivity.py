@@ -5,7 +5,7 @@ For each weight layer, the model is quantized with *only that layer* quantized; 
 layer is. ``keep_float: auto`` then quantizes everything, and while the budget is not met, keeps
 the next most sensitive layer in float.
 
-Selection uses the fine-tune split (or the calibration split when there is none), never the test
+Selection uses the validation split (else the fine-tune split, else calibration), never the test
 split: the budget on the test split is checked afterwards, like for any recipe. A candidate meets
 the budget when the upper end of the paired-bootstrap 95% CI of its drop is within it, the same
 rule the report applies.
@@ -52,16 +52,16 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 
 
 def selection_data(ctx) -> tuple[ArrayData, str]:
-    """Data for choosing layers: the fine-tune split, else calibration; never the test split."""
-    for name in ("finetune", "calibration"):
+    """Data for choosing layers: the validation split, else fine-tune, else calibration; never test."""
+    for name in ("validation", "finetune", "calibration"):
         data = getattr(ctx.splits, name)
-        if len(data) > 0:
+        if data is not None and len(data) > 0:
             n = min(len(data), MAX_SELECTION_EXAMPLES)
             return data.subset(np.arange(n)), name
     raise InputError(
         "keep_float: auto has no data to choose layers on",
         where="keep_float",
-        expected="examples in the fine-tune or calibration split",
+        expected="examples in the validation, fine-tune or calibration split",
         fix="give more data, or list the layers to keep in float",
     )
 

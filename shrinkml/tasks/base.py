@@ -86,7 +86,7 @@ def _check_finite(splits: Splits, outputs: np.ndarray, where: str) -> None:
 def check_labels_in_range(splits: Splits, n_classes: int, *, label_free_fix: bool) -> None:
     """Every label of every split in ``[0, n_classes)``: a label the model cannot predict scores 0
     however good the model is."""
-    for split, data in (("calibration", splits.calibration), ("fine-tune", splits.finetune), ("test", splits.test)):
+    for split, data in splits.named():
         y = data.y
         if y is None or not len(y):
             continue

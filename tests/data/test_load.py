@@ -11,7 +11,7 @@ from shrinkml.errors import InputError
 def test_digits_builtin_splits_are_disjoint_and_deterministic():
     a = load_data("builtin:digits", seed=0)
     b = load_data("builtin:digits", seed=0)
-    assert a.sizes() == {"calibration": 180, "finetune": 1078, "test": 539}
+    assert a.sizes() == {"calibration": 180, "finetune": 898, "validation": 180, "test": 539}
     np.testing.assert_array_equal(a.test.y, b.test.y)
     assert a.test.x.shape[1:] == (1, 8, 8) and a.test.x.dtype == np.float32
     # disjoint: no example appears in two splits (digits has a few duplicate images, so compare rows by index)
@@ -23,9 +23,21 @@ def test_digits_builtin_splits_are_disjoint_and_deterministic():
 
 def test_make_splits_indices_partition():
     data = ArrayData(np.arange(100, dtype=np.float32)[:, None], np.arange(100) % 3)
-    s = make_splits(data, seed=3, fractions=SplitFractions(calibration=0.2, finetune=0.5, test=0.3))
-    seen = np.concatenate([s.calibration.x[:, 0], s.finetune.x[:, 0], s.test.x[:, 0]])
+    s = make_splits(data, seed=3, fractions=SplitFractions(calibration=0.2, finetune=0.4, validation=0.1, test=0.3))
+    seen = np.concatenate([s.calibration.x[:, 0], s.finetune.x[:, 0], s.validation.x[:, 0], s.test.x[:, 0]])
     assert len(seen) == len(set(seen.tolist())) == 100
+
+
+def test_calibration_and_test_do_not_depend_on_the_other_fractions():
+    """Carving a validation split out of fine-tune leaves calibration and test as they were."""
+    data = ArrayData(np.arange(200, dtype=np.float32)[:, None], np.arange(200) % 3)
+    with_val = make_splits(data, seed=5)
+    without = make_splits(data, seed=5, fractions=SplitFractions(finetune=0.6, validation=0.0))
+    np.testing.assert_array_equal(with_val.test.x, without.test.x)
+    np.testing.assert_array_equal(with_val.calibration.x, without.calibration.x)
+    assert len(with_val.validation) == 20 and len(without.validation) == 0
+    # fine-tune then validation continue the same order: together they are the old fine-tune split
+    np.testing.assert_array_equal(np.concatenate([with_val.finetune.x, with_val.validation.x]), without.finetune.x)
 
 
 def test_npz_with_explicit_splits(tmp_path):

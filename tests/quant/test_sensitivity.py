@@ -93,7 +93,7 @@ def test_nothing_kept_when_plain_int8_meets_the_budget(tmp_path):
     ctx = ctx.__class__(**{**ctx.__dict__, "budget": Budget(max_drop=0.5)})
     float_model = export_onnx(model, data.x[:2])
     kept, summary = choose_keep_float(float_model, dynamic_quantizer(float_model, tmp_path), ctx, where="t")
-    assert kept == [] and summary["selection_split"] == "finetune"
+    assert kept == [] and summary["selection_split"] == "validation"
 
 
 def test_explain_points_at_the_outlier_layer(tmp_path):

@@ -19,7 +19,8 @@ set to ``"auto"`` (a step that searches on data). Every run must:
    second run on a copy of the input, whatever the global random generators hold.
 
 The only per-technique knowledge is which model family fits (``NEEDS_TEXT_ENCODER``,
-``NOT_FOR_TEXT_ENCODER``), ``CONFIG_OVERRIDES`` and the bugs found (``KNOWN_BUGS``).
+``NOT_FOR_TEXT_ENCODER``) and ``CONFIG_OVERRIDES``. A failing case is a bug in the technique: fix
+it there (this suite found quantize.half and quantize.qat casting token ids to float32).
 """
 
 from __future__ import annotations
@@ -174,17 +175,9 @@ CASES = [
     for auto in [None, *(search_fields(name) if i == 0 else [])]
 ]
 
-# Bugs these checks found, outside this file: the case id, and what fails. Strict, so a fix turns
-# the case red here until its line is removed.
-KNOWN_BUGS: dict[str, str] = {}
-
-
 def cases() -> list[Any]:
-    """``CASES`` as pytest params, the known bugs marked."""
-    unknown = set(KNOWN_BUGS) - {c.id for c in CASES}
-    assert not unknown, f"KNOWN_BUGS names cases that do not exist: {unknown}"
-    marks = {case: pytest.mark.xfail(strict=True, reason=reason) for case, reason in KNOWN_BUGS.items()}
-    return [pytest.param(c, id=c.id, marks=[marks[c.id]] if c.id in marks else []) for c in CASES]
+    """``CASES`` as pytest params, named by case id."""
+    return [pytest.param(c, id=c.id) for c in CASES]
 
 
 # --- the test split, recorded --------------------------------------------------------------------

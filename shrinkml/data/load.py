@@ -311,7 +311,7 @@ def load_data(
 
     ``spec`` is a path to an ``.npz``, ``"builtin:digits"``, ``"package.module:function"``, an
     ``ArrayData``, a ``Splits`` (used as is), a ``(x, y)`` tuple, or a torch ``Dataset``.
-    Text (``.txt``, ``.jsonl``, ``"builtin:texts"``) is tokenized with ``text_encoding``
+    Text (``.txt``, ``.jsonl``, ``"builtin:texts"``, ``"builtin:prose"``) is tokenized with ``text_encoding``
     (a ``shrinkml.data.text.TextEncoding``: the model's tokenizer and a fixed length).
     """
     if isinstance(spec, Splits):
@@ -323,13 +323,13 @@ def load_data(
         text = str(spec)
         if text == "builtin:digits":
             data: Any = _digits()
-        elif text == "builtin:texts" or Path(text).suffix.lower() in (".txt", ".jsonl"):
+        elif text in ("builtin:texts", "builtin:prose") or Path(text).suffix.lower() in (".txt", ".jsonl"):
             from shrinkml.data.text import load_text_data
 
             data = load_text_data(text, text_encoding, seed=seed)
         elif text.startswith("builtin:"):
             raise InputError(
-                f"unknown built-in dataset {text!r}", where="--data", expected="builtin:digits or builtin:texts"
+                f"unknown built-in dataset {text!r}", where="--data", expected="builtin:digits, builtin:texts or builtin:prose"
             )
         elif text.endswith(".npz") or Path(text).suffix:
             data = _load_npz(Path(text), needs_labels=needs_labels)

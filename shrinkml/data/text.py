@@ -115,11 +115,22 @@ def tokenize_texts(texts: list[str], encoding: TextEncoding) -> np.ndarray:
 
 
 def load_text_data(spec: str, encoding: TextEncoding | None, *, seed: int = 0) -> ArrayData:
-    """Read ``spec`` (a ``.txt``/``.jsonl`` path or ``builtin:texts``) and tokenize it."""
+    """Read ``spec`` (a ``.txt``/``.jsonl`` path, ``builtin:texts`` or ``builtin:prose``) and tokenize it."""
     if spec == "builtin:texts":
         from shrinkml.data.texts import generate_texts
 
         texts, labels = generate_texts(2000, seed=0), None  # fixed text set; the run seed only shuffles splits
+    elif spec == "builtin:prose":
+        from shrinkml.data.prose import prose_sentences
+
+        try:
+            texts, labels = prose_sentences(), None
+        except LookupError as exc:
+            raise InputError(
+                "builtin:prose found too few sentences in this environment", where="--data builtin:prose",
+                expected="at least 100 prose sentences in installed packages' descriptions", found=str(exc),
+                fix="use builtin:texts, or give your own .txt / .jsonl texts",
+            ) from None
     else:
         path = Path(spec)
         texts, labels = (read_txt(path), None) if path.suffix.lower() == ".txt" else read_jsonl(path)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from shrinkml.core.types import ModelState
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState
 
 
 @dataclass
@@ -70,8 +70,9 @@ def onnx_artifact(
     from shrinkml.runtimes.onnx_sparse import encode_sparse_initializers
 
     model, diff = state_to_onnx(state, example=example, tolerance=tolerance, threads=threads, opset=opset, label=label)
-    input_name = next(i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
-    macs = onnx_macs(model, {input_name: [1, *example.shape[1:]]})
+    from shrinkml.runtimes.feeds import model_feeds
+
+    macs = onnx_macs(model, {name: list(value.shape) for name, value in model_feeds(model, example[:1]).items()})
     encoded, encoding = encode_sparse_initializers(model) if sparse else (model, {})
     path = workdir / f"{label}.onnx"
     onnx.save(encoded, str(path))

@@ -149,14 +149,15 @@ def _print_result(report: dict, json_out: bool) -> None:
 def _finish(result, out: Path, json_out: bool) -> None:
     _print_result(result.report, json_out)
     if not json_out:
-        typer.echo(f"Wrote {', '.join(sorted(p.name for p in result.files.values()))} to {out}/", err=True)
+        top = sorted({Path(name).parts[0] for name in result.files})  # model/onnx/... is inside model/
+        typer.echo(f"Wrote {', '.join(top)} to {out}/", err=True)
     if not result.budget_met:
         raise typer.Exit(1)
 
 
 COMMON = {
     "model": typer.Option(..., help="package.module:factory (imported from the current folder; with --weights), a .onnx file, or a transformers / sentence-transformers directory."),
-    "data": typer.Option(..., help=".npz with x and y (or x_calibration/x_finetune/x_test), package.module:function, builtin:digits; for text models .txt, .jsonl or builtin:texts."),
+    "data": typer.Option(..., help=".npz with x and y (or x_calibration/x_finetune/x_test), package.module:function, builtin:digits; for text models .txt, .jsonl, builtin:texts (generated) or builtin:prose (real sentences from installed packages' descriptions)."),
     "task": typer.Option(TaskName("classification"), help="classification (accuracy against labels), fidelity (label-free closeness to the original) or embedding (text embedding models: cosine, worst-5%, top-10 neighbours)."),
     "weights": typer.Option(None, help="Trained weights (.safetensors) for a factory model; pickles are refused."),
     "runtime": typer.Option(

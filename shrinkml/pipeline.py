@@ -97,7 +97,7 @@ def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
 def _step_context(loaded, splits, task, example, settings, progress, workdir, budget=None):
     """What every step sees: the splits, the task, and a frozen copy of the original model as the
     distillation teacher (steps never change the model they were given)."""
-    from shrinkml.techniques.base import StepContext
+    from shrinkml.core.types import StepContext
 
     teacher = None
     if loaded.kind == "torch":
@@ -119,7 +119,7 @@ def _step_context(loaded, splits, task, example, settings, progress, workdir, bu
 
 
 def _initial_state(loaded):
-    from shrinkml.techniques.base import ModelState
+    from shrinkml.core.types import ModelState
 
     if loaded.kind == "torch":
         return ModelState("torch", torch_model=loaded.module)

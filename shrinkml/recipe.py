@@ -18,8 +18,9 @@ import annotated_types
 import yaml
 from pydantic import ValidationError
 
+from shrinkml.core.types import ModelKind
 from shrinkml.errors import InputError, brief, clip
-from shrinkml.techniques.base import ModelKind, StepConfig, registry
+from shrinkml.techniques.base import StepConfig, registry
 from shrinkml.untrusted import decode_utf8, load_yaml, read_bounded
 
 _BOUND_TYPES = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}

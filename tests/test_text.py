@@ -225,21 +225,29 @@ def test_cli_compress_minilm_quantize_dynamic(tmp_path, loaded):
     assert report["delta"]["size_ratio"] > 3
 
     model = onnx.load(str(out / "model.onnx"))
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    assert dims[1].dim_param  # dynamic sequence axis
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in model.graph.output] == ["sentence_embedding", "last_hidden_state"]
+    for value in model.graph.input:
+        assert [d.dim_param for d in value.type.tensor_type.shape.dim] == ["batch_size", "sequence_length"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["text"]["tokenizer_dir"] == "tokenizer"
+    # model/onnx/model.onnx is the measured file itself, not a second copy
+    assert (out / "model" / "onnx" / "model.onnx").stat().st_ino == (out / "model.onnx").stat().st_ino
+    assert set(manifest["text"]["model_dir_load"]) == {"onnx"}
 
-    # what a user does: tokenizer from out/tokenizer, any length, padding id 0 masked
+    # what a user does: tokenizer from out/tokenizer, any length, its outputs fed by name
     texts = TEXTS[:6]
     tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"), local_files_only=True)
-    ids = np.asarray(tok(texts, padding=True, truncation=True, max_length=40)["input_ids"], dtype=np.int64)
+    enc = tok(texts, padding=True, truncation=True, max_length=40, return_tensors="np")
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    emb = session.run(None, {session.get_inputs()[0].name: ids})[0]
+    emb, states = session.run(None, {i.name: enc[i.name].astype(np.int64) for i in session.get_inputs()})
     from shrinkml.models.hf import tokenize
 
     ref = _encode(loaded.module, tokenize(loaded.text.tokenizer, texts, 64))
     assert _cos(emb, ref).min() > 0.95
+    mask = enc["attention_mask"][..., None]  # sentence-transformers' mean pooling of the token states
+    pooled = (states * mask).sum(1) / mask.sum(1)
+    assert _cos(pooled, emb).min() > 0.99999
 
 
 def test_saved_sentence_transformers_dir_loads_and_matches(tmp_path, loaded):
@@ -394,25 +402,27 @@ def test_quantize_bf16_file_alone_is_the_model_in_a_fresh_process(tmp_path, load
     assert _cos(got, _encode(loaded.module, ids)).min() > 0.995
 
 
-def test_model_dir_onnx_has_the_hugging_face_layout(tmp_path, loaded):
-    """onnx/model.onnx takes the tokenizer's outputs by name with dynamic batch and sequence axes and
-    returns the token states; mean-pooled in numpy they are the sentence-transformers embedding."""
+def test_text_export_has_the_hugging_face_layout(tmp_path, loaded):
+    """The export takes the tokenizer's outputs by name with dynamic batch and sequence axes and
+    returns the pooled embedding and the token states; mean-pooled in numpy the token states are
+    the sentence-transformers embedding."""
     import onnxruntime as ort
     from sentence_transformers import SentenceTransformer
 
     from shrinkml.models.hf import tokenize
-    from shrinkml.models.hf_onnx import export_hf_layout
+    from shrinkml.runtimes.export import export_verified
+    from shrinkml.runtimes.feeds import onnx_spec
 
     ids = tokenize(loaded.text.tokenizer, TEXTS[:4], 32)
-    info = export_hf_layout(loaded.module, loaded.text.tokenizer, ids, tmp_path, kind="embedding", pad_token_id=0,
-                            threads=2, tolerance=1e-4)
-    assert info["inputs"] == ["input_ids", "token_type_ids", "attention_mask"]
-    assert info["output"] == "last_hidden_state" and info["max_abs_diff_vs_pytorch"] < 1e-4
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-    assert [i.name for i in session.get_inputs()] == info["inputs"]
+    model, diff = export_verified(loaded.module, ids, tolerance=1e-4, threads=2)
+    assert diff < 1e-4 and onnx_spec(model) == {"kind": "text", "ids": "input_ids", "pad_token_id": 0}
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert sorted(names) == sorted(loaded.text.tokenizer.model_input_names)
     enc = loaded.text.tokenizer(TEXTS[:5], padding=True, return_tensors="np")  # another batch size and length
-    states = session.run(None, {k: enc[k].astype(np.int64) for k in info["inputs"]})[0]
+    emb, states = session.run(["sentence_embedding", "last_hidden_state"], {k: enc[k].astype(np.int64) for k in names})
     mask = enc["attention_mask"][..., None]
     pooled = (states * mask).sum(1) / mask.sum(1)
     reference = SentenceTransformer(MODEL_DIR, device="cpu").encode(TEXTS[:5], convert_to_numpy=True)
     assert _cos(pooled, reference).min() > 0.99999
+    assert _cos(emb, reference).min() > 0.99999

@@ -213,7 +213,7 @@ def _child_openvino(args: dict) -> int:
     def load_and_run() -> None:
         runner = OvRunner(args["model"], threads=args["threads"])
         with np.load(args["inputs"]) as data:
-            x = data[data.files[0]]
+            x = data[data.files[0]]  # one batch: the runner builds the model's named feeds from it
         for _ in range(2):
             runner.run(x)
 

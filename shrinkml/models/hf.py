@@ -334,31 +334,41 @@ _WEIGHT_FILES = {"model.safetensors", "pytorch_model.bin", "model.safetensors.in
 _SKIP_DIRS = {"onnx", "openvino", ".git", ".cache"}
 
 
-def save_text_model(module: Any, info: TextModelInfo, dest: Path) -> Path:
-    """Write a loadable directory for ``module`` (a ``TextEncoder``): the original directory's
-    non-weight files (tokenizer, modules.json, pooling/normalize folders, configs) plus the
-    transformer's weights via ``save_pretrained`` (safetensors), so config.json has any pruned shapes.
-    ``quantize.bf16``'s INT8 weights are written as the bfloat16 weights they dequantize to, which plain
-    transformers loads (the compact INT8 file is the run's ``model.safetensors``)."""
+def copy_text_dir(info: TextModelInfo, dest: Path, *, with_config: bool = True) -> Path:
+    """The original directory's non-weight files (tokenizer, modules.json, pooling/normalize folders,
+    configs; ``config.json`` unless ``with_config`` is false) copied into ``dest``: with an
+    ``onnx/model.onnx`` or ``openvino/`` model beside them, what sentence-transformers' ONNX and
+    OpenVINO backends (and optimum) load."""
     import shutil
 
-    from shrinkml.models.text import TextEncoder
-
-    if not isinstance(module, TextEncoder):
-        raise TypeError(f"expected a TextEncoder, found {type(module).__name__}")
     src = Path(info.source_dir)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     weights_dir = (src / info.transformer_subdir).resolve()
+    skipped = _WEIGHT_FILES - ({"config.json"} if with_config else set())
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if any(part in _SKIP_DIRS for part in rel.parts) or not path.is_file():
             continue
-        if path.name in _WEIGHT_FILES and path.parent.resolve() == weights_dir:
+        if path.name in skipped and path.parent.resolve() == weights_dir:
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
+    return dest
+
+
+def save_text_model(module: Any, info: TextModelInfo, dest: Path) -> Path:
+    """Write a loadable directory for ``module`` (a ``TextEncoder``): the original directory's
+    non-weight files plus the transformer's weights via ``save_pretrained`` (safetensors), so
+    config.json has any pruned shapes. ``quantize.bf16``'s INT8 weights are written as the bfloat16
+    weights they dequantize to, which plain transformers loads (the compact INT8 file is the run's
+    ``model.safetensors``)."""
+    from shrinkml.models.text import TextEncoder
+
+    if not isinstance(module, TextEncoder):
+        raise TypeError(f"expected a TextEncoder, found {type(module).__name__}")
+    dest = copy_text_dir(info, dest, with_config=False)
     transformer = module.transformer
     from shrinkml.nn.int8 import dequantized_copy, has_int8_modules
 

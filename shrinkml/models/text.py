@@ -1,10 +1,13 @@
-"""Transformer text models as one-input modules: token ids in, embedding (or logits) out.
+"""Transformer text models: token ids in, embedding (or logits) out.
 
-``TextEncoder`` wraps a Hugging Face transformer so the rest of shrinkml sees a model with a single
-``(batch, seq)`` int64 input, like any other: the attention mask is derived from the padding id
-inside the module, and sentence-transformers' pooling and normalization are part of the forward.
-Export, quantization and measurement then need nothing text-specific, and the exported ONNX model is
-what a user deploys after tokenizing.
+``TextEncoder`` wraps a Hugging Face transformer with sentence-transformers' pooling and
+normalization. shrinkml's data for it is padded ``(batch, seq)`` int64 token ids, so in PyTorch it is
+called with the ids alone (the attention mask is ``ids != pad_token_id``). Its ONNX export is the
+standard Hugging Face layout instead: ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where
+the transformer takes them) in, ``sentence_embedding`` (pooled, normalized) and ``last_hidden_state``
+out, or ``logits`` for a classifier, batch and sequence dynamic: the file optimum and
+sentence-transformers' ONNX and OpenVINO backends load, and the metadata that tells shrinkml's own
+runners how to feed it from ids (``shrinkml.runtimes.feeds``).
 """
 
 from __future__ import annotations
@@ -41,11 +44,35 @@ class TextEncoder(nn.Module):
         self.normalize = normalize
         self.pad_token_id = pad_token_id
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = (input_ids != self.pad_token_id).to(torch.int64)
-        out = self.transformer(input_ids=input_ids, attention_mask=mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.encode(input_ids, attention_mask, token_type_ids)[0]
+
+    def input_names(self) -> list[str]:
+        """The named inputs of the exported graph: ids and mask, and token types where the
+        transformer takes them (BERT-like models)."""
+        import inspect
+
+        accepted = inspect.signature(self.transformer.forward).parameters
+        return ["input_ids", "attention_mask", *(["token_type_ids"] if "token_type_ids" in accepted else [])]
+
+    def output_names(self) -> list[str]:
+        return ["logits"] if self.kind == "classifier" else ["sentence_embedding", "last_hidden_state"]
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """``(pooled embedding, token states)`` for an embedding model, ``(logits,)`` for a classifier."""
+        mask = (input_ids != self.pad_token_id).to(torch.int64) if attention_mask is None else attention_mask
+        kwargs = {"input_ids": input_ids, "attention_mask": mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.transformer(**kwargs)
         if self.kind == "classifier":
-            return out.logits if hasattr(out, "logits") else out[0]
+            return (out.logits if hasattr(out, "logits") else out[0],)
         tokens = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         if self.pooling == "cls":
             pooled = tokens[:, 0]
@@ -54,4 +81,16 @@ class TextEncoder(nn.Module):
         else:
             weights = mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+        return (F.normalize(pooled, p=2, dim=1) if self.normalize else pooled), tokens
+
+
+class TextExport(nn.Module):
+    """``encoder`` with positional named inputs and every output, for ``torch.onnx.export``."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.names = encoder.input_names()
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.encoder.encode(**dict(zip(self.names, inputs)))

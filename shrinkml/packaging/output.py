@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
@@ -233,8 +234,24 @@ def _signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _write_entry(target: Path, content: Path | str | bytes) -> None:
-    if isinstance(content, Path) and content.is_dir():  # e.g. a loadable model directory
+@dataclass(frozen=True)
+class SameAs:
+    """An output entry that is another entry's file (written earlier in the same commit): hard-linked,
+    so one model file serves both layouts without taking its bytes twice; copied where the file
+    system has no hard links."""
+
+    name: str
+
+
+def _write_entry(target: Path, content: Path | str | bytes | SameAs, stage: Path | None = None) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, SameAs):
+        source = stage / content.name
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+    elif isinstance(content, Path) and content.is_dir():  # e.g. a loadable model directory
         shutil.copytree(content, target)
     elif isinstance(content, Path):
         shutil.copyfile(content, target)
@@ -310,7 +327,7 @@ class OutputFolder:
         stage = self._partial / "stage"
         stage.mkdir()
         for name, content in files.items():
-            _write_entry(stage / name, content)
+            _write_entry(stage / name, content, stage)
         marker = {"schema": MARKER_SCHEMA, "files": _listing(stage)}
         (stage / MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         with _signals_deferred():

@@ -42,10 +42,14 @@ BATCH_SIZE = 32
 
 class ArrayReader:
     """ONNX Runtime ``CalibrationDataReader`` over a numpy array (duck-typed: ORT only calls
-    ``get_next``), in batches of ``batch_size``; ``rewind()`` starts over."""
+    ``get_next``), in batches of ``batch_size``, each turned into ``model``'s named feeds
+    (``shrinkml.runtimes.feeds``); ``rewind()`` starts over."""
 
-    def __init__(self, x: np.ndarray, input_name: str, batch_size: int) -> None:
-        self.x, self.input_name, self.batch_size = x, input_name, batch_size
+    def __init__(self, x: np.ndarray, model: onnx.ModelProto, batch_size: int) -> None:
+        from shrinkml.runtimes.feeds import onnx_inputs, onnx_spec
+
+        self.x, self.batch_size = x, batch_size
+        self.inputs, self.spec = onnx_inputs(model), onnx_spec(model)
         self._start, self._stop, self._pos = 0, len(x), 0
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -53,7 +57,9 @@ class ArrayReader:
             return None
         batch = self.x[self._pos : min(self._pos + self.batch_size, self._stop)]
         self._pos += self.batch_size
-        return {self.input_name: batch}
+        from shrinkml.runtimes.feeds import feeds
+
+        return feeds(batch, self.inputs, self.spec)
 
     def rewind(self) -> None:
         self._pos = self._start
@@ -332,7 +338,7 @@ def calibrate(
             found="op types " + ", ".join(sorted({n.op_type for n in model.graph.node})),
             fix="add the model's op types to op_types, or leave op_types unset",
         )
-    reader = ArrayReader(x, model.graph.input[0].name, batch_size_for(model))
+    reader = ArrayReader(x, model, batch_size_for(model))
     scan = scan_activations(
         model, tensors, reader, threads=threads, keep_samples=spec.method == "mse", seed=seed, where=where
     )
@@ -349,7 +355,7 @@ def calibrate(
     if spec.method in ("percentile", "entropy") and reader.batch_size == BATCH_SIZE:
         # ORT's histogram calibrators stack every batch's outputs with np.asarray, which fails when
         # the last batch is shorter; they keep all outputs in memory anyway, so use one batch.
-        reader = ArrayReader(x, reader.input_name, len(x))
+        reader = ArrayReader(x, model, len(x))
     ranges = _ort_ranges(model_path, reader, spec.method, op_types, spec.percentile, threads, workdir)
     ranges = {name: r for name, r in ranges.items() if name not in scan.infinite}
     clipped = sum(

@@ -15,7 +15,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from shrinkml.artifacts import Artifact
-    from shrinkml.techniques.base import ModelState
+    from shrinkml.core.types import ModelState
 
 
 class Runner(Protocol):

@@ -52,26 +52,50 @@ def eager_attention(module: torch.nn.Module) -> Iterator[None]:
             sub.set_attn_implementation(previous)
 
 
+def _export_io(module: torch.nn.Module, example: np.ndarray):
+    """What ``torch.onnx.export`` is given: the module to trace, its example inputs, input and output
+    names, dynamic axes and the input spec for the graph's metadata. A ``TextEncoder`` is exported in
+    the Hugging Face layout (named ids / mask / token types in, named outputs); any other module as
+    one input and one output."""
+    from shrinkml.models.text import TextEncoder, TextExport
+    from shrinkml.runtimes.feeds import feeds, text_spec
+
+    if isinstance(module, TextEncoder):
+        spec = text_spec(module.pad_token_id)
+        names, outputs = module.input_names(), module.output_names()
+        named = feeds(example, [(n, np.int64) for n in names], spec)
+        axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+        axes.update({o: {0: "batch_size"} for o in outputs})
+        if "last_hidden_state" in outputs:
+            axes["last_hidden_state"] = {0: "batch_size", 1: "sequence_length"}
+        return TextExport(module), tuple(torch.from_numpy(named[n]) for n in names), names, outputs, axes, spec
+    axes = {INPUT_NAME: _dynamic_input_axes(example), OUTPUT_NAME: {0: "batch"}}
+    return module, (torch.as_tensor(example),), [INPUT_NAME], [OUTPUT_NAME], axes, None
+
+
 def export_onnx(module: torch.nn.Module, example: np.ndarray, *, opset: int = 17) -> onnx.ModelProto:
-    """Export ``module`` (in eval mode) with a dynamic batch axis.
+    """Export ``module`` (in eval mode) with a dynamic batch axis (and sequence axis for token ids).
 
     Uses the TorchScript exporter: it is ~30x faster than the dynamo exporter on small models and
     produces the plain Conv/Gemm/MatMul graphs that ONNX Runtime's quantizers expect.
     """
+    from shrinkml.runtimes.feeds import set_onnx_spec
+
     was_training = module.training
     module.eval()
     buffer = io.BytesIO()
     try:
+        traced, args, input_names, output_names, axes, spec = _export_io(module, example)
         with warnings.catch_warnings(), eager_attention(module):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                module,
-                (torch.as_tensor(example),),
+                traced,
+                args,
                 buffer,
                 dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: _dynamic_input_axes(example), OUTPUT_NAME: {0: "batch"}},
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=axes,
                 opset_version=opset,
                 do_constant_folding=True,
             )
@@ -83,7 +107,9 @@ def export_onnx(module: torch.nn.Module, example: np.ndarray, *, opset: int = 17
         ) from exc
     finally:
         module.train(was_training)
-    return onnx.load_from_string(buffer.getvalue())
+    model = onnx.load_from_string(buffer.getvalue())
+    set_onnx_spec(model, spec)
+    return model
 
 
 def max_abs_diff_vs_torch(
@@ -130,7 +156,7 @@ def state_to_onnx(
     state, *, example: np.ndarray, tolerance: float, threads: int, opset: int = 17, label: str = "model",
     module: torch.nn.Module | None = None,
 ) -> tuple[onnx.ModelProto, float | None]:
-    """The one float ONNX of a model state (``shrinkml.techniques.base.ModelState``): an ONNX state as
+    """The one float ONNX of a model state (``shrinkml.core.types.ModelState``): an ONNX state as
     it is (with the difference its own export recorded), a PyTorch state exported and verified.
     ``module``: a transformed copy of the state's model to export instead (e.g. SmoothQuant's)."""
     if state.kind == "onnx" and module is None:

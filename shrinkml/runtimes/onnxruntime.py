@@ -44,18 +44,24 @@ def session(
 
 
 class OrtRunner:
-    """One ONNX Runtime session: ``run(x)`` returns the first output as numpy."""
+    """One ONNX Runtime session: ``run(x)`` feeds one batch (an array, or named feeds) by name
+    (``shrinkml.runtimes.feeds``) and returns the first output as numpy."""
 
     def __init__(self, model: str | Path | bytes, *, threads: int) -> None:
-        self.session = session(model, threads=threads)
-        self.input_name = self.session.get_inputs()[0].name
-        self.input_type = self.session.get_inputs()[0].type
-        self._dtype = _DTYPES.get(self.input_type)
+        from shrinkml.runtimes.feeds import spec_from_metadata
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        if self._dtype is not None and x.dtype != self._dtype:  # e.g. a model whose inputs are float16
-            x = x.astype(self._dtype)
-        return self.session.run(None, {self.input_name: x})[0]
+        self.session = session(model, threads=threads)
+        self.inputs = [(i.name, _DTYPES.get(i.type)) for i in self.session.get_inputs()]
+        self.input_name = self.inputs[0][0]
+        self.spec = spec_from_metadata(self.session.get_modelmeta().custom_metadata_map)
+
+    def feeds(self, x) -> dict[str, np.ndarray]:
+        from shrinkml.runtimes.feeds import feeds
+
+        return feeds(x, self.inputs, self.spec)
+
+    def run(self, x) -> np.ndarray:
+        return self.session.run(None, self.feeds(x))[0]
 
 
 class OnnxRuntime:
@@ -78,8 +84,8 @@ class OnnxRuntime:
     def peak_memory(self, artifact, batch, *, threads: int, workdir) -> int:
         from shrinkml.measure import memory
 
-        name = OrtRunner(artifact.path, threads=threads).input_name
-        return memory.peak_memory_onnx(artifact.path, {name: batch}, threads=threads)
+        feeds = OrtRunner(artifact.path, threads=threads).feeds(batch)
+        return memory.peak_memory_onnx(artifact.path, feeds, threads=threads)
 
     def load_instruction(self, file_name: str) -> str:
         return f"onnxruntime.InferenceSession({file_name!r})"

@@ -75,19 +75,28 @@ def _type_name(value) -> str:
 
 
 class OvRunner:
-    """One compiled model and infer request: ``run(x)`` returns the first output as numpy."""
+    """One compiled model and infer request: ``run(x)`` feeds one batch (an array, or named feeds)
+    by input name (``shrinkml.runtimes.feeds``) and returns the first output as numpy."""
 
     def __init__(self, path: str | Path, *, threads: int) -> None:
+        from shrinkml.runtimes.feeds import file_spec
+
         self.compiled = compile_model(path, threads=threads)
         self.request = self.compiled.create_infer_request()
         self._output = self.compiled.outputs[0]
-        element = self.compiled.inputs[0].get_element_type().to_dtype()
-        self._dtype = None if element is None else np.dtype(element)
+        self.inputs = []
+        for port in self.compiled.inputs:
+            element = port.get_element_type().to_dtype()
+            self.inputs.append((port.get_any_name(), None if element is None else np.dtype(element)))
+        self.spec = file_spec(path) if Path(path).suffix == ".onnx" else None
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        if self._dtype is not None and x.dtype != self._dtype:
-            x = x.astype(self._dtype)
-        result = self.request.infer({0: np.ascontiguousarray(x)})
+    def feeds(self, x) -> dict[str, np.ndarray]:
+        from shrinkml.runtimes.feeds import feeds
+
+        return {name: np.ascontiguousarray(value) for name, value in feeds(x, self.inputs, self.spec).items()}
+
+    def run(self, x) -> np.ndarray:
+        result = self.request.infer(self.feeds(x))
         return np.array(result[self._output], copy=True)  # the request reuses its output buffer
 
 
@@ -115,7 +124,7 @@ class OpenVinoRuntime:
     def peak_memory(self, artifact, batch, *, threads: int, workdir) -> int:
         from shrinkml.measure import memory
 
-        return memory.peak_memory_openvino(artifact.path, {"input": batch}, threads=threads)
+        return memory.peak_memory_openvino(artifact.path, {"x": batch}, threads=threads)
 
     def load_instruction(self, file_name: str) -> str:
         return f"openvino.Core().compile_model({file_name!r}, 'CPU')"

@@ -1,5 +1,6 @@
-"""What every technique shares: a frozen config, the model state it transforms, its context, and
-the explicit registry that maps a technique name to ``(config class, apply function)``.
+"""What every technique shares: a frozen config and the explicit registry that maps a technique name
+to ``(config class, apply function)``. The model state a step transforms, its context and its result
+live in ``shrinkml.core.types`` (re-exported here so existing imports keep working).
 
 A technique is one module: a ``StepConfig`` subclass (hyperparameters only, frozen, unknown keys
 rejected) and one ``apply(state, config, ctx) -> StepResult`` function, registered with
@@ -8,22 +9,12 @@ rejected) and one ``apply(state, config, ctx) -> StepResult`` function, register
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-if TYPE_CHECKING:  # heavy imports only for type checkers
-    import onnx
-    import torch
-
-    from shrinkml.budget import Budget
-    from shrinkml.data import Splits
-    from shrinkml.progress import Progress
-    from shrinkml.tasks import Task
-
-ModelKind = Literal["torch", "onnx"]
+from shrinkml.core.types import ApplyFn, ModelKind, ModelState, StepContext, StepResult  # noqa: F401
 
 
 class StepConfig(BaseModel):
@@ -46,52 +37,6 @@ class StepConfig(BaseModel):
         if isinstance(data, dict):
             return {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
         return data
-
-
-@dataclass
-class ModelState:
-    """The model as it moves through a recipe.
-
-    ``kind`` says which representation is live: a PyTorch module (``torch_model``) or an ONNX graph
-    (``onnx_model``), once a step has turned the model into an ONNX Runtime artifact.
-    ``sparse_params`` names parameters whose zeros are part of the result (magnitude pruning), so
-    later training steps keep them at zero.
-    """
-
-    kind: ModelKind
-    torch_model: torch.nn.Module | None = None
-    onnx_model: onnx.ModelProto | None = None
-    sparse_params: frozenset[str] = frozenset()
-    # set by the step that exported PyTorch -> ONNX: max abs difference ONNX Runtime vs PyTorch
-    export_max_abs_diff: float | None = None
-
-
-@dataclass(frozen=True)
-class StepContext:
-    """The data and settings a step may use. Configs hold hyperparameters; the context holds data."""
-
-    splits: Splits
-    task: Task
-    teacher: torch.nn.Module | None  # frozen copy of the original model, for distillation
-    example_input: Any  # one batch of calibration inputs (numpy), for tracing and export
-    seed: int
-    threads: int
-    progress: Progress
-    workdir: Path  # scratch folder for intermediate files; removed after the run
-    opset: int = 17
-    export_tolerance: float = 1e-4  # max abs difference ONNX Runtime vs PyTorch after export
-    budget: Budget | None = None  # the run's accuracy budget, for steps that search to meet it
-
-
-@dataclass
-class StepResult:
-    """A step's output: the new state and a JSON-able summary of what it did (for the report)."""
-
-    state: ModelState
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-ApplyFn = Callable[[ModelState, Any, StepContext], StepResult]
 
 
 @dataclass(frozen=True)
@@ -128,10 +73,30 @@ def register(
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _REGISTRY:
             raise ValueError(f"technique {name!r} is registered twice")
-        _REGISTRY[name] = Technique(name, config_cls, fn, frozenset(accepts), produces, quantizer, runtime)
+        _REGISTRY[name] = Technique(name, config_cls, _keeping_inputs(fn), frozenset(accepts), produces, quantizer,
+                                    runtime)
         return fn
 
     return decorator
+
+
+def _keeping_inputs(fn: ApplyFn) -> ApplyFn:
+    """``fn`` whose ONNX result keeps the input spec of the state it took (how a text model's named
+    inputs follow from token ids: ``shrinkml.runtimes.feeds``), for steps whose tools drop ONNX
+    metadata (NNCF, ORT's pre-processing)."""
+    import functools
+
+    @functools.wraps(fn)
+    def apply(state: ModelState, config: Any, ctx: StepContext) -> StepResult:
+        result = fn(state, config, ctx)
+        if result.state.kind == "onnx":
+            from shrinkml.runtimes.feeds import onnx_spec, set_onnx_spec, state_spec
+
+            if onnx_spec(result.state.onnx_model) is None:
+                set_onnx_spec(result.state.onnx_model, state_spec(state))
+        return result
+
+    return apply
 
 
 def registry() -> dict[str, Technique]:

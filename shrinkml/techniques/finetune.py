@@ -1,8 +1,11 @@
 """Recovery fine-tuning on the fine-tune split, optionally distilling from the original model.
 
 Loss with labels: ``(1 - alpha) * CE(student, y) + alpha * T^2 * KL(teacher_T || student_T)``
-(Hinton et al., 2015); without labels, distillation alone. A slice of the fine-tune split is held
-out for early stopping, so the test split stays untouched.
+(Hinton et al., 2015); without labels, distillation alone. Early stopping (``patience``) scores
+the validation split, like every other choice made inside a run, and trains on the whole fine-tune
+split; only when there is no validation split (None or empty) is a ``validation_fraction`` slice of
+the fine-tune split held out instead. The test split stays untouched either way; the summary's
+``early_stopping_on`` says which data was used.
 
 Embedding models (sentence encoders) have no classes to soften: for them the distillation loss is
 ``1 - cos(student, teacher) + MSE(student, teacher)`` on the output embeddings (``loss: cosine``),
@@ -22,8 +25,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
+from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import StepConfig, register
 
 if TYPE_CHECKING:
     import torch
@@ -44,10 +48,17 @@ class FinetuneConfig(StepConfig):
     temperature: float = Field(4.0, gt=0, description="softening temperature of the distillation KL")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation loss (1 = only KL)")
     validation_fraction: float = Field(
-        0.1, ge=0, lt=1, description="part of the fine-tune split held out for early stopping"
+        0.1,
+        ge=0,
+        lt=1,
+        description="part of the fine-tune split held out for early stopping, only when the run has no"
+        " validation split (early stopping uses the validation split when there is one)",
     )
     patience: int | None = Field(
-        2, ge=1, description="epochs without a lower held-out loss before stopping; unset: run every epoch"
+        2,
+        ge=1,
+        description="epochs without a lower validation loss before stopping (validation split, else the"
+        " fine-tune holdout); unset: run every epoch",
     )
     loss: Literal["auto", "kl", "cosine", "mse"] = Field(
         "auto",
@@ -164,6 +175,29 @@ def _hidden_mse(student_h: torch.Tensor, teacher_h: torch.Tensor, mask: torch.Te
     return ((student_h - teacher_h).pow(2) * weights).sum() / (weights.sum() * student_h.shape[-1]).clamp(min=1)
 
 
+def _early_stopping_data(ctx: StepContext, config: FinetuneConfig, use_labels: bool, n_finetune: int):
+    """What early stopping scores: ``(x, y, n, description)``. The validation split (as tensors) when
+    the run has one with examples (and labels, where training uses them); otherwise ``x`` is None and
+    ``n`` is the size of the slice of the fine-tune split to hold out (0: no early stopping)."""
+    import torch
+
+    if not config.patience:
+        return None, None, 0, "off (patience unset)"
+    validation = ctx.splits.validation
+    reason = "no validation split"
+    if validation is not None and len(validation) > 0:
+        if not use_labels or validation.y is not None:
+            x = torch.from_numpy(np.ascontiguousarray(validation.x))
+            y = torch.from_numpy(validation.y.astype(np.int64)) if use_labels else None
+            return x, y, len(validation), f"validation ({len(validation)} examples)"
+        reason = "the validation split has no labels"
+    n_val = int(round(n_finetune * config.validation_fraction))
+    if n_val == 0:
+        return None, None, 0, f"off ({reason}, and validation_fraction {config.validation_fraction} holds out none)"
+    note = "" if validation is None or len(validation) == 0 else f"; {reason}"
+    return None, None, n_val, f"finetune holdout ({n_val} examples{note})"
+
+
 @register("finetune", FinetuneConfig)
 def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepResult:
     import torch
@@ -206,10 +240,15 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
 
     rng = np.random.default_rng(ctx.seed)
     order = rng.permutation(len(data))
-    n_val = int(round(len(data) * config.validation_fraction)) if config.patience else 0
-    val_idx, train_idx = order[:n_val], order[n_val:]
     x_all = torch.from_numpy(np.ascontiguousarray(data.x))
     y_all = torch.from_numpy(data.y.astype(np.int64)) if use_labels else None
+    x_val, y_val, n_val, early_stopping_on = _early_stopping_data(ctx, config, use_labels, len(data))
+    if x_val is None and n_val:  # fallback: hold out a slice of the fine-tune split
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        held = torch.from_numpy(val_idx)
+        x_val, y_val = x_all[held], (y_all[held] if y_all is not None else None)
+    else:
+        train_idx = order
 
     masks = {}
     params = dict(model.named_parameters())
@@ -227,15 +266,15 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
     else:
         opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
 
-    def evaluate(idx: np.ndarray) -> float:
+    def evaluate(x: torch.Tensor, y: torch.Tensor | None) -> float:
         model.eval()
         total = 0.0
         with torch.no_grad():
-            for start in range(0, len(idx), 512):
-                b = torch.from_numpy(idx[start : start + 512])
-                yb = y_all[b] if y_all is not None else None
-                total += float(batch_loss(x_all[b], yb)) * len(b)
-        return total / max(len(idx), 1)
+            for start in range(0, len(x), 512):
+                xb = x[start : start + 512]
+                yb = y[start : start + 512] if y is not None else None
+                total += float(batch_loss(xb, yb)) * len(xb)
+        return total / max(len(x), 1)
 
     try:
         best_loss, best_state, best_epoch, stale = float("inf"), None, 0, 0
@@ -258,7 +297,7 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
                     bar.advance(1, status=f"epoch {epoch + 1} loss {running / (i + 1):.4f}")
                 entry = {"epoch": epoch + 1, "train_loss": round(running / batches_per_epoch, 6)}
                 if n_val:
-                    val = evaluate(val_idx)
+                    val = evaluate(x_val, y_val)
                     entry["val_loss"] = round(val, 6)
                     if val < best_loss - 1e-6:
                         best_loss, best_epoch, stale = val, epoch + 1, 0
@@ -279,6 +318,7 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
         "best_epoch": best_epoch or len(history),
         "train_examples": int(len(train_idx)),
         "validation_examples": int(n_val),
+        "early_stopping_on": early_stopping_on,
         "used_labels": use_labels,
         "distill": config.distill,
         "loss": loss_kind if config.distill else "ce",

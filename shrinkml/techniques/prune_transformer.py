@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import StepConfig, register
 
 if TYPE_CHECKING:
     import torch

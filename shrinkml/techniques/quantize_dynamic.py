@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import StepConfig, register
 
 if TYPE_CHECKING:
     import onnx

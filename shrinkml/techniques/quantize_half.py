@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import StepConfig, register
 from shrinkml.techniques.quantize_dynamic import float_onnx
 
 if TYPE_CHECKING:
@@ -258,13 +259,15 @@ def apply(state: ModelState, config: QuantizeHalfConfig, ctx: StepContext) -> St
             found="none (the model may already be quantized or half precision)",
             fix="apply quantize.half to a float32 model, or remove it from the recipe",
         )
+    from shrinkml.runtimes.feeds import model_feeds
+
     payload = half.SerializeToString()
     try:
         by_op = ort_compute_dtypes(payload, ctx.workdir, threads=ctx.threads)
         runner = _session(payload, threads=ctx.threads, level="ORT_ENABLE_ALL")
         x = _float32_if_float(ctx.example_input)  # token ids stay integers
         feed = x if config.keep_io_float32 or x.dtype.kind != "f" else x.astype(np.float16)
-        got = runner.run(None, {runner.get_inputs()[0].name: feed})[0].astype(np.float64)
+        got = runner.run(None, model_feeds(half, feed))[0].astype(np.float64)
     except Exception as exc:  # ORT raises its own exception types
         raise InputError(
             f"ONNX Runtime cannot run the {config.dtype} model ({type(exc).__name__}: {str(exc).splitlines()[0]})",
@@ -272,7 +275,7 @@ def apply(state: ModelState, config: QuantizeHalfConfig, ctx: StepContext) -> St
             fix="list the failing node in keep_float, or use dtype: bfloat16 (weights only)",
         ) from exc
     reference = _session(float_model.SerializeToString(), threads=ctx.threads, level="ORT_ENABLE_ALL")
-    expected = reference.run(None, {reference.get_inputs()[0].name: x})[0].astype(np.float64)
+    expected = reference.run(None, model_feeds(float_model, x))[0].astype(np.float64)
     summary.update(
         {
             "dtype": config.dtype,

@@ -23,14 +23,9 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator
 
+from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import (
-    ModelState,
-    StepConfig,
-    StepContext,
-    StepResult,
-    register,
-)
+from shrinkml.techniques.base import StepConfig, register
 
 if TYPE_CHECKING:
     import onnx
@@ -88,16 +83,10 @@ class QuantizeNncfConfig(StepConfig):
 
 
 def _input_name(model: onnx.ModelProto) -> str:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        raise InputError(
-            "quantize.nncf calibrates models with one input",
-            where=WHERE,
-            found=f"{len(inputs)} inputs ({', '.join(inputs[:5])})",
-            fix="export the model with a single input tensor",
-        )
-    return inputs[0]
+    """The input whose first axis is the batch (the ids of a text model, or the one input)."""
+    from shrinkml.runtimes.feeds import onnx_inputs
+
+    return onnx_inputs(model)[0][0]
 
 
 def _fixed_batch(model: onnx.ModelProto, name: str) -> int | None:
@@ -222,7 +211,9 @@ def _quantize_int8(model: onnx.ModelProto, config: QuantizeNncfConfig, ctx: Step
     batch = fixed or config.calibration_batch_size
     if fixed and len(x) >= fixed:
         x = x[: len(x) - len(x) % fixed]  # a fixed-batch model cannot take a short last batch
-    batches = [{name: x[i : i + batch]} for i in range(0, len(x), batch)]
+    from shrinkml.runtimes.feeds import model_feeds
+
+    batches = [model_feeds(model, x[i : i + batch]) for i in range(0, len(x), batch)]
     ctx.progress.log(
         f"{WHERE}: calibrating ({'transformer' if transformer else 'cnn'}, {preset}) on {len(x)} calibration examples"
     )
@@ -301,6 +292,9 @@ def apply(state: ModelState, config: QuantizeNncfConfig, ctx: StepContext) -> St
     # shorter names change no computation and take 2-3% off a small model's file
     _declare_domains(quantized)
     lean_names(quantized, float_model)
+    from shrinkml.runtimes.feeds import onnx_spec, set_onnx_spec
+
+    set_onnx_spec(quantized, onnx_spec(float_model))  # NNCF drops metadata_props
     counts = _count_ops(quantized)
     summary.update(
         quantized_ops=ops,

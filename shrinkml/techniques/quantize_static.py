@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field
 
+from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import StepConfig, register
 
 if TYPE_CHECKING:
     import onnx
@@ -247,6 +248,55 @@ def lean_names(model: onnx.ModelProto, float_model: onnx.ModelProto) -> None:
     graph.doc_string = ""
 
 
+ELEMENTWISE = frozenset({"Mul", "Div", "Add", "Sub"})
+
+
+def _mask_derived(model: onnx.ModelProto) -> set[str]:
+    """Tensors computed from the ``attention_mask`` input alone (with constants): its casts,
+    reshapes, expansions and the additive mask built from it."""
+    derived = {i.name for i in model.graph.input if i.name == "attention_mask"}
+    constants = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:  # graph order is topological
+        if node.op_type == "Constant":
+            constants.update(node.output)
+            continue
+        inputs = [i for i in node.input if i]
+        if inputs and any(i in derived for i in inputs) and all(i in derived or i in constants for i in inputs):
+            derived.update(node.output)
+    return derived
+
+
+def mask_float_nodes(model: onnx.ModelProto, mask_tensors: set[str]) -> list[str]:
+    """Nodes that stay float around attention masks.
+
+    Tensors holding mask fills (-inf, or float32's lowest value) have no usable quantization range:
+    the nodes that produce or read them stay float. So do the elementwise nodes that combine a mask
+    computed from the ``attention_mask`` input with activations (the mask addition to the attention
+    scores, the multiplication of token states by the mask in mean pooling), and the elementwise
+    nodes (the attention scale) between a mask addition and the MatMul that computes the scores:
+    with those quantized, OpenVINO's low-precision passes move dequantization scales across the mask
+    (dividing a mask fill by a scale overflows) and return NaN for padded batches. The MatMuls' inputs
+    stay quantized."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    derived = _mask_derived(model)
+    masks = set(mask_tensors) | derived
+    touching = [n for n in model.graph.node if mask_tensors & {*n.input, *n.output}]
+    touching += [n for n in model.graph.node if n.op_type in ELEMENTWISE and derived & set(n.input)
+                 and not set(n.output) <= derived]
+    chosen = {n.name: None for n in touching}
+    for node in touching:
+        if node.op_type != "Add":
+            continue
+        stack = [producers[i] for i in node.input if i not in masks and i in producers]
+        while stack:
+            up = stack.pop()
+            if up.op_type not in ELEMENTWISE or up.name in chosen:
+                continue
+            chosen[up.name] = None
+            stack.extend(producers[i] for i in up.input if i in producers)
+    return list(chosen)
+
+
 def _quantized_ops(model: onnx.ModelProto) -> dict[str, int]:
     """Op types of the nodes that take a dequantized input (what runs on integer kernels)."""
     dq_outputs = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
@@ -305,11 +355,11 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
     # ORT's quantizer takes precomputed ranges through its calibration cache (as min-max ranges,
     # whatever method chose them): one calibration serves every quantize() call below
     # (keep_float: auto makes many).
-    # Tensors that hold mask fills by design (attention masks: -inf, or float32's lowest value) have
-    # no usable quantization range: the nodes
-    # that produce or read them stay float in every variant.
+    # attention masks and the nodes around them stay float in every variant (mask_float_nodes)
+    from shrinkml.runtimes.feeds import onnx_spec, set_onnx_spec
+
     infinite = set(calibration.infinite_tensors)
-    forced_float = [n.name for n in float_model.graph.node if infinite & {*n.input, *n.output}]
+    forced_float = mask_float_nodes(float_model, infinite)
     cache_path = workdir / "quantize_static.ranges.json"
     save_tensors_data(calibration.to_tensors_data(), cache_path)
     extra_options = {
@@ -350,6 +400,7 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
         fold_quantized_weights(quantized)
         float_graph_outputs(quantized)
         lean_names(quantized, float_model)
+        set_onnx_spec(quantized, onnx_spec(float_model))  # the pre-processing pass drops metadata
         return quantized
 
     summary.update(

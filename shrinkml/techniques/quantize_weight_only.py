@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
+from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
 from shrinkml.quant.blocks import check_group_size
-from shrinkml.techniques.base import ModelState, StepConfig, StepContext, StepResult, register
+from shrinkml.techniques.base import StepConfig, register
 
 if TYPE_CHECKING:
     import onnx

@@ -4,6 +4,7 @@ damaged model, keeps magnitude-pruned zeros, rejects invalid values."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from pydantic import ValidationError
 
 from shrinkml.errors import InputError
 from shrinkml.techniques.base import ModelState
-from shrinkml.techniques.finetune import FinetuneConfig, apply
+from shrinkml.techniques.finetune import FinetuneConfig, apply, distillation_loss
 from tests.conftest import make_ctx, toy_data
 
 
@@ -103,6 +104,75 @@ def test_early_stopping_uses_validation_not_test(tmp_path):
 
     ctx = make_ctx(tiny_mlp(), tmp_path, data=toy_data(300))
     out = apply(ModelState("torch", torch_model=tiny_mlp()), FinetuneConfig(epochs=40, lr=0.05, patience=1), ctx)
-    assert out.summary["validation_examples"] == round(len(ctx.splits.finetune) * 0.1)
+    assert out.summary["validation_examples"] == len(ctx.splits.validation) > 0
     assert out.summary["epochs_run"] < 40
     assert np.isfinite(out.summary["history"][-1]["val_loss"])
+
+
+class _Recording:
+    """Wraps a split and records that it was read (``x``, ``y``, ``len``)."""
+
+    def __init__(self, data) -> None:
+        self._data, self.reads = data, 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, name):
+        self.reads += 1
+        return getattr(self._data, name)
+
+
+def test_early_stopping_reads_the_validation_split_and_trains_on_all_finetune(tmp_path):
+    from tests.conftest import tiny_mlp
+
+    ctx = make_ctx(tiny_mlp(), tmp_path, data=toy_data(300))
+    validation = _Recording(ctx.splits.validation)
+    ctx = dataclasses.replace(ctx, splits=dataclasses.replace(ctx.splits, validation=validation))
+    n_val, n_ft = len(validation), len(ctx.splits.finetune)
+    assert n_val > 0
+    out = apply(ModelState("torch", torch_model=tiny_mlp()), FinetuneConfig(epochs=3, lr=0.05, patience=2), ctx)
+    s = out.summary
+    assert s["early_stopping_on"] == f"validation ({n_val} examples)"
+    assert s["validation_examples"] == n_val
+    assert s["train_examples"] == n_ft  # nothing held out of the fine-tune split
+    assert validation.reads > 0 and all("val_loss" in e for e in s["history"])
+
+    # scored as the holdout was: the training loss (labels + distillation) on the validation split
+    cfg = FinetuneConfig(epochs=1, lr=0.05, patience=2)
+    one = apply(ModelState("torch", torch_model=tiny_mlp()), cfg, ctx)  # one epoch: the model it scored
+    val = ctx.splits.validation
+    with torch.no_grad():
+        x, y = torch.from_numpy(val.x), torch.from_numpy(val.y.astype(np.int64))
+        expected = float(distillation_loss(one.state.torch_model(x), ctx.teacher(x), y, cfg, True))
+    assert one.summary["history"][0]["val_loss"] == pytest.approx(expected, abs=2e-6)
+
+
+@pytest.mark.parametrize("validation", ["none", "empty"])
+def test_early_stopping_falls_back_to_a_finetune_holdout(tmp_path, validation):
+    from tests.conftest import tiny_mlp
+
+    ctx = make_ctx(tiny_mlp(), tmp_path, data=toy_data(300))
+    split = None if validation == "none" else ctx.splits.validation.subset(np.arange(0))
+    ctx = dataclasses.replace(ctx, splits=dataclasses.replace(ctx.splits, validation=split))
+    n_ft = len(ctx.splits.finetune)
+    n_hold = round(n_ft * 0.1)
+    out = apply(ModelState("torch", torch_model=tiny_mlp()), FinetuneConfig(epochs=3, lr=0.05, patience=2), ctx)
+    s = out.summary
+    assert s["early_stopping_on"] == f"finetune holdout ({n_hold} examples)"
+    assert s["validation_examples"] == n_hold and s["train_examples"] == n_ft - n_hold
+    assert all(np.isfinite(e["val_loss"]) for e in s["history"])
+
+    again = apply(ModelState("torch", torch_model=tiny_mlp()), FinetuneConfig(epochs=3, lr=0.05, patience=2), ctx)
+    assert again.summary == s  # deterministic for a seed
+    for a, b in zip(out.state.torch_model.state_dict().values(), again.state.torch_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_early_stopping_off_says_so(tmp_path):
+    from tests.conftest import tiny_mlp
+
+    ctx = make_ctx(tiny_mlp(), tmp_path, data=toy_data(300))
+    out = apply(ModelState("torch", torch_model=tiny_mlp()), FinetuneConfig(epochs=2, lr=0.05, patience=None), ctx)
+    assert out.summary["early_stopping_on"] == "off (patience unset)"
+    assert out.summary["train_examples"] == len(ctx.splits.finetune) and out.summary["validation_examples"] == 0

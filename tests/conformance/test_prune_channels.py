@@ -97,7 +97,7 @@ def case(request) -> Case:
 
 
 def test_registered():
-    assert _REGISTRY["prune.channels"].apply is pc.apply
+    assert _REGISTRY["prune.channels"].apply.__wrapped__ is pc.apply  # wrapped to keep ONNX input metadata
     assert _REGISTRY["prune.channels"].config_cls is pc.PruneChannelsConfig
 
 

@@ -66,7 +66,7 @@ def case(request) -> Case:
 
 
 def test_registered():
-    assert _REGISTRY["prune.magnitude"].apply is pm.apply
+    assert _REGISTRY["prune.magnitude"].apply.__wrapped__ is pm.apply  # wrapped to keep ONNX input metadata
     assert _REGISTRY["prune.magnitude"].config_cls is pm.PruneMagnitudeConfig
 
 

@@ -277,8 +277,9 @@ def test_float_weights_behind_quantize_linear_are_folded_to_int8(tmp_path):
 
     model = tiny_mlp()
     x = DATA.x[:64]
-    onnx.save(export_onnx(model, x[:2]), tmp_path / "float.onnx")
-    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), ArrayReader(x, "input", 32),
+    float_model = export_onnx(model, x[:2])
+    onnx.save(float_model, tmp_path / "float.onnx")
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), ArrayReader(x, float_model, 32),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, extra_options={"AddQDQPairToWeight": True})
     unfolded = onnx.load(str(tmp_path / "qdq.onnx"))

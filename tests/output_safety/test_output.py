@@ -146,11 +146,11 @@ def test_error_while_staging_leaves_the_old_result(tmp_path, monkeypatch):
     real = output_mod._write_entry
     calls = []
 
-    def failing(target, content):
+    def failing(target, content, stage=None):
         calls.append(target.name)
         if len(calls) == 2:
             raise OSError("disk full")
-        real(target, content)
+        real(target, content, stage)
 
     monkeypatch.setattr(output_mod, "_write_entry", failing)
     with pytest.raises(OSError, match="disk full"):

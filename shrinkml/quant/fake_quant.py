@@ -27,7 +27,6 @@ weight scales in buffers, so scales and zero points reach the ONNX file as const
 from __future__ import annotations
 
 import copy
-import fnmatch
 from collections.abc import Iterable
 
 import torch
@@ -189,10 +188,10 @@ _WRAPPABLE = {nn.Linear: FakeQuantLinear, nn.Conv2d: FakeQuantConv2d}
 
 
 def matches_module(name: str, patterns: Iterable[str]) -> bool:
-    """True when the module ``name`` or one of its ancestors matches a glob pattern."""
-    parts = name.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatchcase(p, pattern) for pattern in patterns for p in prefixes)
+    """True when the module ``name`` or one of its ancestors matches a glob pattern (``shrinkml.layers``)."""
+    from shrinkml.layers import matches
+
+    return matches(name, patterns)
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:

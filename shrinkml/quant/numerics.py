@@ -73,12 +73,34 @@ def quantize(
     x: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, *, bits: int = 8, signed: bool
 ) -> np.ndarray:
     """``clip(round_half_even(x / scale) + zero_point)`` in the full ``bits``-bit range, as ONNX
-    ``QuantizeLinear`` computes it (float32 division, then round half to even)."""
+    ``QuantizeLinear`` computes it (float32 division, then round half to even). The one reference
+    quantizer: ``quantize_linear`` (the ONNX op with its axis and types) and the weight folding
+    passes call it."""
     qmin, qmax = qrange(bits=bits, symmetric=False, signed=signed)
     x32 = np.asarray(x, dtype=np.float32)
-    scaled = np.rint(x32 / np.asarray(scale, dtype=np.float32))  # np.rint rounds half to even
-    q = np.clip(scaled + np.asarray(zero_point, dtype=np.float32), qmin, qmax)
+    scaled = np.rint(x32 / np.asarray(scale, dtype=np.float32)).astype(np.float64)  # np.rint: half to even
+    q = np.clip(scaled + np.asarray(zero_point, dtype=np.float64), qmin, qmax)
     return q.astype(_storage_dtype(bits, signed))
+
+
+_ONNX_INT_TYPES = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16)}
+
+
+def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1) -> np.ndarray:
+    """ONNX ``QuantizeLinear``: ``quantize`` in the zero point's type (uint8 without one); a 1-D
+    ``scale`` (and zero point) is per slice along ``axis``."""
+    zp_dtype = np.dtype(np.uint8) if zero_point is None else np.asarray(zero_point).dtype
+    if zp_dtype not in _ONNX_INT_TYPES:
+        raise ValueError(f"zero point type {zp_dtype} is not an 8- or 16-bit integer")
+    x = np.asarray(x, dtype=np.float32)
+    scale = np.asarray(scale, dtype=np.float32)
+    zp = np.zeros((), np.int64) if zero_point is None else np.asarray(zero_point, dtype=np.int64)
+    if scale.ndim == 1 and x.ndim > 0:
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = scale.size
+        scale = scale.reshape(shape)
+        zp = zp.reshape(shape) if zp.ndim == 1 else zp
+    return quantize(x, scale, zp, bits=8 * zp_dtype.itemsize, signed=zp_dtype.kind == "i")
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int) -> np.ndarray:

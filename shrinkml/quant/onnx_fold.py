@@ -27,6 +27,8 @@ from onnx import numpy_helper
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 _INT_TYPES = {np.dtype(t) for t in (np.int8, np.uint8, np.int16, np.uint16)}
 
+from shrinkml.quant.numerics import quantize_linear  # noqa: E402  (the one QuantizeLinear reference)
+
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     for attr in node.attribute:
@@ -58,25 +60,6 @@ def _constants(graph: onnx.GraphProto) -> tuple[dict[str, np.ndarray], dict[str,
             values[node.output[0]] = values[node.input[0]]
             producers[node.output[0]] = node
     return values, producers
-
-
-def quantize_linear(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int = 1) -> np.ndarray:
-    """ONNX ``QuantizeLinear``: ``saturate(round_half_even(x / scale) + zero_point)`` in the zero
-    point's type (uint8 without one). A 1-D ``scale`` is per slice along ``axis``."""
-    zp_dtype = np.dtype(np.uint8) if zero_point is None else zero_point.dtype
-    if zp_dtype not in _INT_TYPES:
-        raise ValueError(f"zero point type {zp_dtype} is not an 8- or 16-bit integer")
-    x32 = np.asarray(x, dtype=np.float32)
-    scale32 = np.asarray(scale, dtype=np.float32)
-    zp = np.zeros((), np.int64) if zero_point is None else np.asarray(zero_point, dtype=np.int64)
-    if scale32.ndim == 1 and x32.ndim > 0:
-        shape = [1] * x32.ndim
-        shape[axis % x32.ndim] = scale32.size
-        scale32 = scale32.reshape(shape)
-        zp = zp.reshape(shape) if zp.ndim == 1 else zp
-    info = np.iinfo(zp_dtype)
-    q = np.rint(x32 / scale32).astype(np.float64) + zp  # np.rint rounds half to even
-    return np.clip(q, info.min, info.max).astype(zp_dtype)
 
 
 def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:

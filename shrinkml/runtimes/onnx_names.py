@@ -45,12 +45,13 @@ def module_name(node_name: str) -> str | None:
 
 
 def node_matches(node: onnx.NodeProto, patterns: Iterable[str]) -> bool:
-    """True when the node's name or its module path matches one of the glob ``patterns``."""
-    names = [node.name]
+    """True when the node's name matches one of the glob ``patterns``, or its module path does in
+    ``shrinkml.layers``' sense (the module or one containing it)."""
+    from shrinkml.layers import matches
+
+    patterns = list(patterns)
     module = module_name(node.name)
-    if module is not None:
-        names.append(module)
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns for name in names)
+    return any(fnmatch.fnmatchcase(node.name, p) for p in patterns) or (module is not None and matches(module, patterns))
 
 
 def weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -65,20 +66,14 @@ def weight_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def select_nodes(model: onnx.ModelProto, patterns: Iterable[str], *, where: str) -> list[str]:
-    """Names of the weight nodes matching ``patterns``; every pattern must match something."""
-    from shrinkml.errors import InputError
+    """Names of the weight nodes matching ``patterns`` (``shrinkml.layers``' meaning); every pattern
+    must match something."""
+    from shrinkml.layers import no_match_error
 
     patterns = list(patterns)
     nodes = weight_nodes(model)
     selected = [n.name for n in nodes if node_matches(n, patterns)]
     for pattern in patterns:
         if not any(node_matches(n, [pattern]) for n in nodes):
-            known = sorted({module_name(n.name) or n.name for n in nodes})
-            raise InputError(
-                f"no layer matches {pattern!r}",
-                where=where,
-                expected="a module name or glob such as 'classifier.*' (or an ONNX node name)",
-                found="layers " + ", ".join(known[:20]) + (" ..." if len(known) > 20 else ""),
-                fix="use one of the listed layer names",
-            )
+            raise no_match_error(pattern, [module_name(n.name) or n.name for n in nodes], where=where)
     return selected

@@ -20,7 +20,6 @@ never pruned: that would change what the model predicts.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import traceback
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -67,8 +66,7 @@ class PruneChannelsConfig(StepConfig):
     )
     ignore: tuple[str, ...] = Field(
         (),
-        description="module-name glob patterns (fnmatch) whose output channels are kept, submodules"
-        " included",
+        description="module-name globs (a module and everything inside it) whose output channels are kept",
     )
     round_to: int | None = Field(
         None, ge=1,
@@ -211,8 +209,11 @@ def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> S
 
     output_layers, expected_shapes = _output_layers(model, example)
     ignored = set(output_layers)
+    from shrinkml.layers import matches, select
+
+    select([n for n, _ in model.named_modules() if n], config.ignore, where="prune.channels.ignore")  # each must match
     for name, module in model.named_modules():
-        if name and any(fnmatch.fnmatchcase(name, pat) for pat in config.ignore):
+        if name and matches(name, config.ignore):
             ignored.update(module.modules())
     layers = _layers()
     prunable = [m for m in model.modules() if isinstance(m, layers) and m not in ignored]

@@ -14,7 +14,6 @@ records which parameters carry them (``ModelState.sparse_params``) so later trai
 from __future__ import annotations
 
 import copy
-import fnmatch
 from dataclasses import replace
 from typing import TYPE_CHECKING, Literal
 
@@ -59,7 +58,7 @@ class PruneMagnitudeConfig(StepConfig):
         ("linear", "conv"), min_length=1, description="layer kinds pruned: linear (nn.Linear) and/or conv (nn.ConvNd)"
     )
     ignore: tuple[str, ...] = Field(
-        (), description="module-name globs (fnmatch, e.g. 'classifier', 'encoder.0.*') left dense"
+        (), description="module-name globs (e.g. 'classifier', 'encoder.0'; a module and everything inside it) left dense"
     )
 
 
@@ -67,12 +66,15 @@ def _prunable_weights(model: nn.Module, config: PruneMagnitudeConfig) -> dict[st
     """``{parameter name: weight}`` of the layers this config prunes, each tensor once."""
     from torch import nn
 
+    from shrinkml.layers import matches, select
+
     layer_classes = _layer_classes()
     classes = tuple(cls for kind in config.layer_types for cls in layer_classes[kind])
     seen: set[int] = set()
     weights: dict[str, nn.Parameter] = {}
+    select([n for n, _ in model.named_modules() if n], config.ignore, where="prune.magnitude.ignore")  # each must match
     for name, module in model.named_modules():
-        if not isinstance(module, classes) or any(fnmatch.fnmatchcase(name, pat) for pat in config.ignore):
+        if not isinstance(module, classes) or matches(name, config.ignore):
             continue
         weight = getattr(module, "weight", None)
         if not isinstance(weight, nn.Parameter) or isinstance(weight, nn.parameter.UninitializedParameter):

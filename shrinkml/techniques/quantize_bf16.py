@@ -34,7 +34,6 @@ Recipe step (with ``--runtime torch``)::
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import os
 from typing import TYPE_CHECKING, Any, Literal
@@ -78,7 +77,7 @@ class QuantizeBf16Config(StepConfig):
     )
     keep_float: tuple[str, ...] = Field(
         (),
-        description="module-name globs (fnmatch, e.g. 'classifier.*') of Linear / Embedding layers stored as"
+        description="module-name globs (e.g. 'classifier'; a module and everything inside it) of Linear / Embedding layers stored as"
         " bfloat16 instead of INT8 (weights: int8 only); every glob must match a module",
     )
 
@@ -415,16 +414,12 @@ def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> St
         )
     dropped = _drop_unused_pooler(model)
     names = dict(model.named_modules())
-    kept = sorted(n for n in names if any(fnmatch.fnmatchcase(n, g) for g in config.keep_float))
-    for glob in config.keep_float:
-        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
-            raise InputError(
-                f"no layer matches {glob!r}",
-                where=f"{WHERE}.keep_float",
-                expected="module-name globs matching Linear or Embedding layers",
-                found=", ".join(n for n, m in names.items() if isinstance(m, nn.Linear | nn.Embedding))[:400],
-                fix="use the module names listed",
-            )
+    from shrinkml.layers import select
+
+    layer_names = [n for n, m in names.items() if isinstance(m, nn.Linear | nn.Embedding)]
+    selected = set(select([n for n in names if n], config.keep_float, where=f"{WHERE}.keep_float",
+                          candidates=layer_names, what="Linear / Embedding layers"))
+    kept = sorted(n for n in layer_names if n in selected)
     int8_layers, before, after = [], 0, 0
     if config.weights == "int8":
         for name, module in list(model.named_modules()):

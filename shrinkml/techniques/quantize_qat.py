@@ -68,22 +68,15 @@ class QuantizeQATConfig(StepConfig):
     freeze_observers_after: float = Field(
         0.5, ge=0, le=1, description="fraction of the training steps after which activation ranges stay fixed"
     )
-    keep_float: tuple[str, ...] = Field((), description="module-name globs of layers left in float")
+    keep_float: tuple[str, ...] = Field(
+        (), description="module-name globs of layers left in float (a module and everything inside it)")
 
 
 def _check_keep_float(model: nn.Module, patterns: tuple[str, ...]) -> None:
-    from shrinkml.quant.fake_quant import matches_module, quantizable_layers
+    from shrinkml.layers import select
+    from shrinkml.quant.fake_quant import quantizable_layers
 
-    layers = quantizable_layers(model)
-    for pattern in patterns:
-        if not any(matches_module(name, [pattern]) for name in layers):
-            raise InputError(
-                f"no layer matches {pattern!r}",
-                where=f"{WHERE}.keep_float",
-                expected="a module name or glob of a Linear / Conv2d layer, such as 'classifier' or 'encoder.*'",
-                found="layers " + ", ".join(layers[:20]) + (" ..." if len(layers) > 20 else ""),
-                fix="use one of the listed layer names",
-            )
+    select(quantizable_layers(model), patterns, where=f"{WHERE}.keep_float", what="Linear / Conv2d layers")
 
 
 def _calibrate(model: nn.Module, x: np.ndarray, batch_size: int) -> int:

@@ -80,38 +80,16 @@ def _float_onnx(state: ModelState, config: QuantizeStaticConfig, calib_x: np.nda
 
 
 def fold_quantized_weights(model: onnx.ModelProto) -> int:
-    """Replace ``float initializer -> QuantizeLinear`` by the INT8 initializer it computes, so the
-    file stores INT8 weights. Returns how many were folded (0 for ONNX Runtime's usual output)."""
-    from onnx import numpy_helper
+    """Replace ``float initializer -> QuantizeLinear`` by the INT8 initializer it computes (in
+    place), so the file stores INT8 weights: ``shrinkml.quant.onnx_fold.fold_weight_quantizers``, the
+    one folding pass (QAT's exports use it too). Returns how many were folded (0 for ONNX Runtime's
+    usual output)."""
+    from shrinkml.quant.onnx_fold import fold_weight_quantizers
 
-    from shrinkml.quant.numerics import quantize
-
-    inits = {t.name: t for t in model.graph.initializer}
-    folded = 0
-    for node in list(model.graph.node):
-        if node.op_type != "QuantizeLinear" or node.input[0] not in inits or len(node.input) < 3:
-            continue
-        if node.input[2] not in inits or node.input[1] not in inits:
-            continue
-        w = numpy_helper.to_array(inits[node.input[0]])
-        scale = numpy_helper.to_array(inits[node.input[1]])
-        zp = numpy_helper.to_array(inits[node.input[2]])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and w.ndim > 1:
-            shape = [1] * w.ndim
-            shape[axis % w.ndim] = -1
-            scale, zp_b = scale.reshape(shape), zp.reshape(shape)
-        else:
-            zp_b = zp
-        if zp.dtype not in (np.int8, np.uint8):
-            continue
-        q = quantize(w, scale, zp_b, signed=zp.dtype == np.int8)
-        model.graph.initializer.append(numpy_helper.from_array(q, node.output[0]))
-        model.graph.node.remove(node)
-        folded += 1
-    if folded:
-        _drop_unused_initializers(model)
-    return folded
+    folded, summary = fold_weight_quantizers(model)
+    if summary["folded_weights"]:
+        model.CopyFrom(folded)
+    return summary["folded_weights"]
 
 
 # Ops that ORT still runs on integer kernels when their output stays float (QGemm with float

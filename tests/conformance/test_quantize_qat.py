@@ -420,3 +420,25 @@ def test_distills_without_labels(tmp_path):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert _accuracy(OrtRunner(out.state.onnx_model.SerializeToString(), threads=1).run(x), ref.argmax(1)) >= 0.9
+
+
+def test_a_garbled_export_fails_the_export_check(tmp_path, monkeypatch):
+    """The export bound (5% of the output range, or the quantization error itself when larger)
+    still catches an export that computes something else: here every folded weight negated."""
+    import shrinkml.quant.onnx_fold as fold_module
+
+    real_fold = fold_module.fold_weight_quantizers
+
+    def garbling_fold(model):
+        folded, summary = real_fold(model)
+        for t in folded.graph.initializer:
+            if t.data_type == TensorProto.INT8 and len(t.dims) == 2:
+                negated = (-numpy_helper.to_array(t).astype(np.int16)).clip(-128, 127).astype(np.int8)
+                t.CopyFrom(numpy_helper.from_array(negated, t.name))
+        return folded, summary
+
+    monkeypatch.setattr(fold_module, "fold_weight_quantizers", garbling_fold)
+    model = _trained("mlp")
+    ctx = make_ctx(model, tmp_path, data=toy_data(200))
+    with pytest.raises(InputError, match="does not match PyTorch"):
+        apply(ModelState("torch", torch_model=model), QuantizeQATConfig(epochs=1, lr=1e-3, batch_size=32), ctx)

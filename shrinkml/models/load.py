@@ -49,9 +49,24 @@ def _load_onnx(path: Path) -> LoadedModel:
             fix="re-export the model (torch.onnx.export) and check it with onnx.checker.check_model",
         ) from None
     initializers = {t.name for t in model.graph.initializer}
-    if not [i for i in model.graph.input if i.name not in initializers]:
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    if not inputs:
         raise InputError(
             "the ONNX model has no inputs", where=str(path), fix="export the model with its input tensor"
+        )
+    from shrinkml.runtimes.feeds import META_KEY, TEXT_INPUTS, onnx_spec
+
+    if len(inputs) > 1 and onnx_spec(model) is None:
+        text = "input_ids" in inputs and set(inputs) <= set(TEXT_INPUTS)
+        raise InputError(
+            f"the ONNX model takes {len(inputs)} inputs and says nothing about how to feed them from one data array",
+            where=str(path),
+            expected=f"one input, or a shrinkml-written model (its metadata_props {META_KEY!r} says how the other"
+            " inputs follow from token ids)",
+            found="inputs " + ", ".join(inputs[:8]) + (" (a tokenizer's outputs: the pad id that masks them is"
+                                                       " not recorded in the file)" if text else ""),
+            fix=("pass the Hugging Face / sentence-transformers model directory as --model instead: shrinkml exports"
+                 " it itself, with these inputs" if text else "export the model with a single input tensor"),
         )
     return LoadedModel("onnx", str(path), onnx_model=model)
 

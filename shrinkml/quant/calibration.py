@@ -24,6 +24,7 @@ import onnx
 
 from shrinkml.data import ArrayData
 from shrinkml.errors import InputError
+from shrinkml.runtimes.feeds import feeds, onnx_inputs, onnx_spec
 from shrinkml.runtimes.onnx_names import WEIGHT_OPS
 from shrinkml.quant.numerics import fake_quantize
 
@@ -46,8 +47,6 @@ class ArrayReader:
     (``shrinkml.runtimes.feeds``); ``rewind()`` starts over."""
 
     def __init__(self, x: np.ndarray, model: onnx.ModelProto, batch_size: int) -> None:
-        from shrinkml.runtimes.feeds import onnx_inputs, onnx_spec
-
         self.x, self.batch_size = x, batch_size
         self.inputs, self.spec = onnx_inputs(model), onnx_spec(model)
         self._start, self._stop, self._pos = 0, len(x), 0
@@ -57,8 +56,6 @@ class ArrayReader:
             return None
         batch = self.x[self._pos : min(self._pos + self.batch_size, self._stop)]
         self._pos += self.batch_size
-        from shrinkml.runtimes.feeds import feeds
-
         return feeds(batch, self.inputs, self.spec)
 
     def rewind(self) -> None:

@@ -292,9 +292,6 @@ def apply(state: ModelState, config: QuantizeNncfConfig, ctx: StepContext) -> St
     # shorter names change no computation and take 2-3% off a small model's file
     _declare_domains(quantized)
     lean_names(quantized, float_model)
-    from shrinkml.runtimes.feeds import onnx_spec, set_onnx_spec
-
-    set_onnx_spec(quantized, onnx_spec(float_model))  # NNCF drops metadata_props
     counts = _count_ops(quantized)
     summary.update(
         quantized_ops=ops,

@@ -20,8 +20,11 @@ from shrinkml.runtimes.export import export_onnx
 from shrinkml.runtimes.onnxruntime import OrtRunner
 from shrinkml.runtimes.openvino import OvRunner
 from shrinkml.techniques.base import ModelState, get_technique
-from shrinkml.techniques.quantize_nncf import QuantizeNncfConfig, apply, has_attention
+from shrinkml.techniques.quantize_nncf import QuantizeNncfConfig, has_attention
 from tests.conftest import make_ctx, tiny_cnn, tiny_mlp, toy_data
+
+# the registered step (what recipes run), which keeps the input spec that NNCF drops from metadata_props
+apply = get_technique("quantize.nncf").apply
 
 DATA = toy_data(600)  # 60 calibration, 180 test examples
 

@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
                     if name in torch_models:
                         continue  # PyTorch rows: not measured here (the pickled module would need the classes)
                     if name in on_ov:
-                        rss = memory.peak_memory_openvino(paths[name], {"x": batch_ids}, threads=args.threads)
+                        feeds = {k: np.ascontiguousarray(v) for k, v in runners[name].feeds(batch_ids).items()}
+                        rss = memory.peak_memory_openvino(paths[name], feeds, threads=args.threads)
                     else:
                         feeds = st_feeds(runners[name], batch_ids) if name.startswith("st_") else \
                             runners[name].feeds(batch_ids)

@@ -124,7 +124,12 @@ class OpenVinoRuntime:
     def peak_memory(self, artifact, batch, *, threads: int, workdir) -> int:
         from shrinkml.measure import memory
 
-        return memory.peak_memory_openvino(artifact.path, {"x": batch}, threads=threads)
+        import onnx
+
+        from shrinkml.runtimes.feeds import model_feeds
+
+        feeds = model_feeds(onnx.load(str(artifact.path), load_external_data=False), batch)
+        return memory.peak_memory_openvino(artifact.path, feeds, threads=threads)
 
     def load_instruction(self, file_name: str) -> str:
         return f"openvino.Core().compile_model({file_name!r}, 'CPU')"

@@ -88,13 +88,13 @@ ONNX Runtime's profiler at 32 x 128 tokens):
 - `recipes/minilm-small.yaml`'s earlier candidate (`prune.ffn` 30% + cosine distillation on 256 texts + INT4 GPTQ):
   8.02x but mean cosine 0.939-0.951; 256 texts do not recover a 30% FFN cut.
 - OpenVINO (2026-12-02, Intel Xeon with AMX): OpenVINO picks bfloat16 for the FP32 export, which is within a few percent
-  of NNCF's static INT8 (0.93x at 32 x 128 tokens, 1.02x padded to the batch's longest). `quantize.static`'s QDQ graphs
+  of NNCF's static INT8 (0.93x at 32 x 128 tokens; 1.02x and 1.00x padded to the batch's longest, in two runs). `quantize.static`'s QDQ graphs
   returned NaN on OpenVINO for padded batches until the attention-mask arithmetic (mask addition, attention scale,
   pooling multiplication) was kept float; shrinkml's static quantizer stays far behind NNCF on this model (top-10 0.51
-  vs 0.94 on prose). NNCF `compress_weights` INT8 (bfloat16 compute) keeps top-10 0.980 but runs at 0.68-0.75x of NNCF
+  vs 0.94 on prose). NNCF `compress_weights` INT8 (bfloat16 compute) keeps top-10 0.980 but runs at 0.68-0.76x of NNCF
   INT8 (weight decompression; OpenVINO's `DYNAMIC_QUANTIZATION_GROUP_SIZE` 0/32/384 changed nothing). `prune.ffn` 20% +
-  cosine distillation on the 256 calibration texts + NNCF INT8 is faster than NNCF INT8 at both points (1.05x, 1.09x)
-  but top-10 falls to 0.72. On the generated `builtin:texts` NNCF INT8 reaches top-10 0.970 against 0.939 on prose."""
+  cosine distillation on the 256 calibration texts + NNCF INT8 is at most a little faster than NNCF INT8 (two runs:
+  1.05x and 1.00x [0.97, 1.01] at 32 x 128, 1.09x and 1.05x padded) and top-10 falls to 0.72. On the generated `builtin:texts` NNCF INT8 reaches top-10 0.970 against 0.939 on prose."""
 
 # --- texts ---------------------------------------------------------------------------------------
 

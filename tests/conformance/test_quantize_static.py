@@ -343,3 +343,54 @@ def test_mask_fills_stay_float_instead_of_failing(tmp_path, fill):
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     assert np.isfinite(got).all() and np.abs(got - ref).max() < 0.05
+
+
+def test_attention_mask_arithmetic_stays_float_and_openvino_runs_padded_batches(tmp_path):
+    """The mask addition, the attention scale before it and mean pooling's multiplication by the mask
+    stay float (OpenVINO's low-precision passes turned them into NaN for padded batches); the
+    Linears are still INT8, and OpenVINO's output matches ONNX Runtime's on padded rows."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("openvino")
+    from shrinkml.models.text import TextEncoder
+    from shrinkml.runtimes.openvino import OvRunner
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = TextEncoder(transformers.BertModel(config)).eval()
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 100, (200, 12)).astype(np.int64)
+    for row, length in zip(x, rng.integers(3, 13, len(x))):
+        row[length:] = 0  # padded, as tokenized text is
+    ctx = make_ctx(model, tmp_path, task="embedding", data=ArrayData(x))
+    out = apply(ModelState("torch", torch_model=model), QuantizeStaticConfig(), ctx)
+    proto = out.state.onnx_model
+    producers = {o: n for n in proto.graph.node for o in n.output}
+
+    def reads_quantized(name: str) -> bool:
+        node = next(n for n in proto.graph.node if n.name == name)
+        return any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in node.input)
+
+    def writes_quantized(name: str) -> bool:
+        node = next(n for n in proto.graph.node if n.name == name)
+        return any(n.op_type == "QuantizeLinear" and set(node.output) & set(n.input) for n in proto.graph.node)
+
+    left = out.summary["left_float_for_infinite_values"]
+    for layer in range(2):
+        add = f"/transformer/encoder/layer.{layer}/attention/self/Add"  # scores + mask
+        scale = f"/transformer/encoder/layer.{layer}/attention/self/Mul"  # the attention scale before it
+        assert add in left and not reads_quantized(add) and not writes_quantized(add), add
+        assert scale in left and not writes_quantized(scale), scale
+    pooling = next(n for n in proto.graph.node if n.name == "/Mul")  # mean pooling's tokens * mask
+    assert "/Mul" in left and not writes_quantized("/Mul")
+    assert any(producers.get(i) is not None and producers[i].op_type == "Cast" for i in pooling.input)  # float mask
+    assert out.summary["quantized_ops"].get("MatMul", 0) > 0
+    path = tmp_path / "q.onnx"
+    onnx.save(proto, path)
+    batch = ctx.splits.test.x[:16]
+    assert (batch == 0).any()
+    got = OvRunner(path, threads=1).run(batch)
+    assert np.isfinite(got).all()
+    ref = OrtRunner(path, threads=1).run(batch)
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.99

@@ -14,11 +14,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Budget", "CompressResult", "Recipe", "RunSettings", "bench", "compress", "explain", "__version__"]
+__all__ = ["Budget", "CompressResult", "Recipe", "RunSettings", "SearchResult", "bench", "compress", "explain", "search",
+           "__version__"]
 
 if TYPE_CHECKING:
     from shrinkml.api import Budget, CompressResult, RunSettings, bench, compress, explain
     from shrinkml.recipe import Recipe
+    from shrinkml.recipe_search.run import SearchResult, search
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +28,10 @@ def __getattr__(name: str) -> Any:
         from shrinkml import api
 
         return getattr(api, name)
+    if name in {"search", "SearchResult"}:
+        from shrinkml.recipe_search import run
+
+        return getattr(run, name)
     if name == "Recipe":
         from shrinkml.recipe import Recipe
 

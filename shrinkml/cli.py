@@ -322,6 +322,73 @@ def explain(
     Console().print(explain_table(result))
 
 
+@_command
+def search(
+    model: str = COMMON["model"],
+    data: str = COMMON["data"],
+    out: Path = typer.Option(Path("shrinkml-search"), help="Output folder: the study (study.journal), search.{json,md,html} and best/ (the best recipe's compress result)."),
+    weights: Optional[str] = COMMON["weights"],
+    task: TaskName = COMMON["task"],
+    max_size: Optional[str] = typer.Option(None, "--max-size", help="Largest deployable file, e.g. 10MB (10^6 bytes) or 10MiB."),
+    max_latency: Optional[str] = typer.Option(None, "--max-latency", help="Largest p50 latency at --batch on --runtime, e.g. 50ms."),
+    min_throughput: Optional[float] = typer.Option(None, "--min-throughput", help="Fewest examples per second at --batch."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size latency and throughput are measured at."),
+    max_drop: float = typer.Option(0.01, "--max-drop", help="Largest acceptable drop of the task metric (0.01 = 1 point), 95% CI worst end."),
+    drop_type: DropType = typer.Option(DropType.absolute, "--drop-type", help="absolute: in metric units; relative: a fraction of the baseline's value."),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="Stop when the study holds this many trials (all workers together)."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Start no trial after this long, e.g. 30m or 1h."),
+    objectives: Optional[str] = typer.Option(None, "--objectives", help="Comma-separated, of size, latency, throughput, metric (default size,latency,metric; throughput with --min-throughput)."),
+    prefer: Optional[str] = typer.Option(None, "--prefer", help="Which objective picks the best of the feasible Pareto front (default: latency with --max-latency, throughput with --min-throughput, else size)."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Search-space YAML: exclude, stages, params, prefix (docs/search.md)."),
+    sampler: str = typer.Option("tpe", "--sampler", help="Optuna sampler: tpe (multi-objective TPE) or nsga2."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna RDB storage URL shared by workers on many machines, e.g. postgresql://user@host/db (default: a journal file in --out)."),
+    study: str = typer.Option("shrinkml-search", "--study", help="Study name in --storage."),
+    workers: int = typer.Option(1, "--workers", min=1, max=64, help="Local worker processes running trials in parallel."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the search whose study is in --out (after a crash or Ctrl-C)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Recompute shared recipe prefixes in every trial (to measure what the cache saves)."),
+    no_pruning: bool = typer.Option(False, "--no-pruning", help="Never stop a trial's training early."),
+    runtime: RuntimeName = COMMON["runtime"],
+    threads: Optional[int] = COMMON["threads"],
+    repeats: Optional[int] = COMMON["repeats"],
+    seed: Optional[int] = COMMON["seed"],
+    max_length: Optional[int] = COMMON["max_length"],
+    json_out: bool = COMMON["json_out"],
+) -> None:
+    """Find the best recipe under targets: size, latency or throughput, and an accuracy budget."""
+    from shrinkml.recipe_search.run import search as run_search
+    from shrinkml.recipe_search.units import parse_duration_s, parse_latency_ms, parse_size
+
+    settings = _settings(runtime=runtime.value, threads=threads, repeats=repeats, seed=seed, max_length=max_length)
+    result = run_search(
+        model, data=data, out=out, task=task.value, weights=weights,
+        max_size_bytes=parse_size(max_size) if max_size else None,
+        max_latency_ms=parse_latency_ms(max_latency) if max_latency else None,
+        min_throughput=min_throughput, batch=batch, budget=_budget(max_drop, drop_type.value),
+        objectives=tuple(o.strip() for o in objectives.split(",") if o.strip()) if objectives else (),
+        prefer=prefer, trials=trials, time_budget_s=parse_duration_s(time_budget) if time_budget else None,
+        space=space, sampler=sampler, storage=storage, study=study, workers=workers, resume=resume,
+        cache=not no_cache, pruning=not no_pruning, settings=settings, progress=_progress(),
+    )
+    if json_out:
+        sys.stdout.write(json.dumps(result.report, indent=2) + "\n")
+    else:
+        from rich.console import Console
+
+        from shrinkml.report.search import search_document
+
+        doc = search_document(result.report)
+        console = Console()
+        console.print(f"[bold]{doc.verdict.label}:[/bold] {doc.verdict.detail}.", markup=True, highlight=False)
+        console.print(doc.headline, markup=False)
+        if result.best_recipe:
+            from shrinkml.report.search import _recipe_text
+
+            console.print("best recipe: " + _recipe_text(result.best_recipe), markup=False)
+        typer.echo(f"Wrote search.md, search.html, search.json{', best/' if result.best_recipe else ''} to {out}/", err=True)
+    if not result.met:
+        raise typer.Exit(1)
+
+
 @app.command()
 def techniques(
     name: Optional[str] = typer.Argument(None, help="Show one technique's keys."),

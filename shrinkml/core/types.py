@@ -56,6 +56,9 @@ class StepContext:
     opset: int = 17
     export_tolerance: float = 1e-4  # max abs difference ONNX Runtime vs PyTorch after export
     budget: Budget | None = None  # the run's accuracy budget, for steps that search to meet it
+    # called by training steps after each epoch as ``on_epoch(epoch, model)`` (model in eval mode);
+    # a search uses it to stop a trial that cannot meet its budget (it raises to stop the step)
+    on_epoch: Callable[[int, Any], None] | None = None
 
 
 @dataclass

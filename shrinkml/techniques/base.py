@@ -50,6 +50,40 @@ class Technique:
     # which lets sensitivity analysis and `shrinkml explain` quantize one layer at a time
     build_quantizer: Callable[..., Any] | None = None
     runtime: str | None = None  # the only runtime that can run the step's output (None: any)
+    # where ``shrinkml search`` may place the step (one of STAGES), None: never chosen by a search
+    stage: str | None = None
+    # (loaded model) -> None when the step can take that model, else why not (search spaces skip it)
+    applies: Callable[[Any], str | None] | None = None
+
+    def search_params(self) -> dict[str, dict[str, Any]]:
+        """The hyperparameters a search varies by default: field name -> ``searchable`` range."""
+        return {name: dict(field.json_schema_extra["search"])
+                for name, field in self.config_cls.model_fields.items()
+                if isinstance(field.json_schema_extra, dict) and "search" in field.json_schema_extra}
+
+
+# The order a searched recipe takes: structural steps, recovery training, a quantizer, then steps
+# that finish a quantized model (weight sharing of its embedding tables).
+STAGES = ("structure", "recovery", "quantize", "finish")
+
+
+def searchable(low: float | None = None, high: float | None = None, *, step: float | None = None,
+               log: bool = False, choices: tuple | None = None) -> dict[str, Any]:
+    """A config field's default range for ``shrinkml search``, as ``Field(json_schema_extra=...)``:
+    a numeric ``low``..``high`` (with an optional ``step``, or ``log`` scale), or ``choices``.
+
+    >>> Field(0.5, json_schema_extra=searchable(0.1, 0.8, step=0.1))  # doctest: +SKIP
+    """
+    if choices is not None:
+        return {"search": {"choices": list(choices)}}
+    if low is None or high is None or not low < high:
+        raise ValueError(f"a searchable range needs low < high, found {low!r}..{high!r}")
+    spec: dict[str, Any] = {"low": low, "high": high}
+    if step is not None:
+        spec["step"] = step
+    if log:
+        spec["log"] = True
+    return {"search": spec}
 
 
 _REGISTRY: dict[str, Technique] = {}
@@ -63,18 +97,26 @@ def register(
     produces: ModelKind | None = None,
     quantizer: Callable[..., Any] | None = None,
     runtime: str | None = None,
+    stage: str | None = None,
+    applies: Callable[[Any], str | None] | None = None,
 ) -> Callable[[ApplyFn], ApplyFn]:
-    """Register ``apply`` as the handler of technique ``name`` configured by ``config_cls``."""
+    """Register ``apply`` as the handler of technique ``name`` configured by ``config_cls``.
+
+    ``stage`` (one of ``STAGES``) lets ``shrinkml search`` place the step in a recipe, varying the
+    config fields declared ``searchable``; ``applies(loaded)`` says why a model cannot take it.
+    """
 
     default = config_cls.model_fields["technique"].default
     if default != name:
         raise ValueError(f"{config_cls.__name__}.technique defaults to {default!r}, not {name!r}")
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"technique {name!r}: stage {stage!r} is not one of {STAGES}")
 
     def decorator(fn: ApplyFn) -> ApplyFn:
         if name in _REGISTRY:
             raise ValueError(f"technique {name!r} is registered twice")
         _REGISTRY[name] = Technique(name, config_cls, _keeping_inputs(fn), frozenset(accepts), produces, quantizer,
-                                    runtime)
+                                    runtime, stage, applies)
         return fn
 
     return decorator

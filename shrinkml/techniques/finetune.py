@@ -27,7 +27,7 @@ from pydantic import Field
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +39,10 @@ class FinetuneConfig(StepConfig):
     technique: Literal["finetune"] = Field(
         "finetune", description="the technique this step runs (`shrinkml techniques` lists them)"
     )
-    epochs: int = Field(3, ge=1, le=10_000, description="maximum passes over the fine-tune split")
-    lr: float = Field(1e-3, gt=0, lt=10, description="learning rate of the optimizer")
+    epochs: int = Field(3, ge=1, le=10_000, description="maximum passes over the fine-tune split",
+                        json_schema_extra=searchable(choices=(10, 20, 40)))
+    lr: float = Field(1e-3, gt=0, lt=10, description="learning rate of the optimizer",
+                     json_schema_extra=searchable(choices=(0.001, 0.003)))
     batch_size: int = Field(64, ge=1, description="training examples per optimizer step")
     optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with momentum 0.9")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay passed to the optimizer")
@@ -198,7 +200,7 @@ def _early_stopping_data(ctx: StepContext, config: FinetuneConfig, use_labels: b
     return None, None, n_val, f"finetune holdout ({n_val} examples{note})"
 
 
-@register("finetune", FinetuneConfig)
+@register("finetune", FinetuneConfig, stage="recovery")
 def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepResult:
     import torch
 
@@ -305,6 +307,9 @@ def apply(state: ModelState, config: FinetuneConfig, ctx: StepContext) -> StepRe
                     else:
                         stale += 1
                 history.append(entry)
+                if ctx.on_epoch is not None:
+                    model.eval()
+                    ctx.on_epoch(epoch + 1, model)
                 if n_val and config.patience is not None and stale >= config.patience:
                     break
     finally:  # the teacher is shared with later steps: leave no hook on it

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +50,7 @@ class PruneChannelsConfig(StepConfig):
         "prune.channels", description="the technique this step runs (`shrinkml techniques` lists them)"
     )
     channel_ratio: float = Field(
-        0.5, ge=0, lt=1,
+        0.5, ge=0, lt=1, json_schema_extra=searchable(0.1, 0.8, step=0.1),
         description="fraction of output channels (conv) or neurons (linear) removed from each prunable"
         " layer, 0-1; not the parameter fraction, which is larger and reported as param_reduction",
     )
@@ -195,7 +195,14 @@ def _importance(name: str):
     return tp.importance.GroupMagnitudeImportance(p=1 if name == "l1" else 2)
 
 
-@register("prune.channels", PruneChannelsConfig)
+def _applies(loaded) -> str | None:
+    """A search's check: text encoders are pruned by prune.heads / prune.ffn / prune.layers."""
+    if loaded.text is not None:
+        return "a text encoder: its structure is pruned by prune.heads, prune.ffn and prune.layers"
+    return None
+
+
+@register("prune.channels", PruneChannelsConfig, stage="structure", applies=_applies)
 def apply(state: ModelState, config: PruneChannelsConfig, ctx: StepContext) -> StepResult:
     """Remove ``channel_ratio`` of the output channels of each prunable layer; input state untouched."""
     import torch

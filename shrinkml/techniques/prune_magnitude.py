@@ -21,7 +21,7 @@ from pydantic import Field
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ class PruneMagnitudeConfig(StepConfig):
         "prune.magnitude", description="the technique this step runs (`shrinkml techniques` lists them)"
     )
     sparsity: float = Field(
-        0.5, ge=0, lt=1, description="fraction of the pruned layers' weights set to zero (weights only, not biases)"
+        0.5, ge=0, lt=1, json_schema_extra=searchable(0.3, 0.9, step=0.1), description="fraction of the pruned layers' weights set to zero (weights only, not biases)"
     )
     scope: Literal["global", "layer"] = Field(
         "global",
@@ -97,7 +97,7 @@ def _zero_mask(magnitudes: torch.Tensor, n_zero: int) -> torch.Tensor:
     return mask
 
 
-@register("prune.magnitude", PruneMagnitudeConfig)
+@register("prune.magnitude", PruneMagnitudeConfig, stage="structure")
 def apply(state: ModelState, config: PruneMagnitudeConfig, ctx: StepContext) -> StepResult:
     """Zero the ``sparsity`` fraction of smallest-magnitude weights; the input state is untouched."""
     import torch

@@ -38,7 +38,7 @@ from pydantic import Field, model_validator
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,7 @@ class PruneHeadsConfig(StepConfig):
         0.25,
         ge=0,
         lt=1,
+        json_schema_extra=searchable(0.1, 0.5, step=0.1),
         description="fraction of attention heads removed from each layer (rounded down, the same count in every layer)",
     )
     importance: Literal["l2"] = Field(
@@ -73,6 +74,7 @@ class PruneFFNConfig(StepConfig):
         0.25,
         ge=0,
         lt=1,
+        json_schema_extra=searchable(0.1, 0.7, step=0.1),
         description="fraction of intermediate neurons removed from each layer's feed-forward block"
         " (the count kept is then rounded up to round_to)",
     )
@@ -90,7 +92,8 @@ class PruneLayersConfig(StepConfig):
     technique: Literal["prune.layers"] = Field(
         "prune.layers", description="the technique this step runs (`shrinkml techniques` lists them)"
     )
-    keep: int | None = Field(None, ge=1, description="number of encoder layers kept (give this or keep_layers)")
+    keep: int | None = Field(None, ge=1, description="number of encoder layers kept (give this or keep_layers)",
+                             json_schema_extra=searchable(choices=(2, 3, 4, 5)))
     strategy: Literal["alternate", "first", "last"] = Field(
         "alternate",
         description="where the kept layers sit: evenly spaced always keeping the last (alternate), the first"
@@ -206,7 +209,12 @@ def _head_scores(attn: nn.Module, n_heads: int, head_size: int) -> torch.Tensor:
     return scores
 
 
-@register("prune.heads", PruneHeadsConfig)
+def _text_encoder(loaded) -> str | None:
+    """A search's check: these steps cut Hugging Face transformer encoders only."""
+    return None if loaded.text is not None else "not a Hugging Face text encoder"
+
+
+@register("prune.heads", PruneHeadsConfig, stage="structure", applies=_text_encoder)
 def apply_heads(state: ModelState, config: PruneHeadsConfig, ctx: StepContext) -> StepResult:
     """Remove ``head_ratio`` of the attention heads of every layer (lowest L2 norm first)."""
     import torch
@@ -265,7 +273,7 @@ def apply_heads(state: ModelState, config: PruneHeadsConfig, ctx: StepContext) -
 # prune.ffn
 
 
-@register("prune.ffn", PruneFFNConfig)
+@register("prune.ffn", PruneFFNConfig, stage="structure", applies=_text_encoder)
 def apply_ffn(state: ModelState, config: PruneFFNConfig, ctx: StepContext) -> StepResult:
     """Remove ``neuron_ratio`` of the feed-forward neurons of every layer (lowest norm first)."""
     import torch
@@ -344,7 +352,7 @@ def layers_kept(n_layers: int, config: PruneLayersConfig) -> list[int]:
     return [int(math.floor((i + 1) * n_layers / keep + 0.5)) - 1 for i in range(keep)]
 
 
-@register("prune.layers", PruneLayersConfig)
+@register("prune.layers", PruneLayersConfig, stage="structure", applies=_text_encoder)
 def apply_layers(state: ModelState, config: PruneLayersConfig, ctx: StepContext) -> StepResult:
     """Keep only the chosen encoder layers, in their original order."""
     from torch import nn

@@ -388,7 +388,8 @@ def cpu_native_bf16() -> bool:
     return bool((cpu_flags() or set()) & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
-@register("quantize.bf16", QuantizeBf16Config, accepts=("torch",), produces="torch", runtime="torch")
+@register("quantize.bf16", QuantizeBf16Config, accepts=("torch",), produces="torch", runtime="torch",
+          stage="quantize")
 def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> StepResult:
     import torch
     from torch import nn

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 
 if TYPE_CHECKING:
     import onnx
@@ -28,7 +28,8 @@ class QuantizeDynamicConfig(StepConfig):
     weight_type: Literal["qint8", "quint8"] = Field(
         "qint8", description="integer type of the stored weights: signed (qint8) or unsigned (quint8) 8-bit"
     )
-    per_channel: bool = Field(True, description="one weight scale per output channel (else one per tensor)")
+    per_channel: bool = Field(True, description="one weight scale per output channel (else one per tensor)",
+                              json_schema_extra=searchable(choices=(True, False)))
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI overflow safety")
     op_types: tuple[str, ...] = Field(
         DEFAULT_OP_TYPES, min_length=1, description="ONNX op types to quantize"
@@ -107,7 +108,8 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 @register(
-    "quantize.dynamic", QuantizeDynamicConfig, accepts=("torch", "onnx"), produces="onnx", quantizer=build_quantizer
+    "quantize.dynamic", QuantizeDynamicConfig, accepts=("torch", "onnx"), produces="onnx", quantizer=build_quantizer,
+    stage="quantize",
 )
 def apply(state: ModelState, config: QuantizeDynamicConfig, ctx: StepContext) -> StepResult:
     from shrinkml.runtimes.onnx_names import module_name, select_nodes

@@ -243,7 +243,7 @@ def _compute_summary(dtype: str, by_op: dict[str, str], native: bool | None) -> 
             "note": "; ".join(notes)}
 
 
-@register("quantize.half", QuantizeHalfConfig, accepts=("torch", "onnx"), produces="onnx")
+@register("quantize.half", QuantizeHalfConfig, accepts=("torch", "onnx"), produces="onnx", stage="quantize")
 def apply(state: ModelState, config: QuantizeHalfConfig, ctx: StepContext) -> StepResult:
     float_model, summary = float_onnx(state, ctx)
     kept = _kept_nodes(float_model, config.keep_float) if config.keep_float else []

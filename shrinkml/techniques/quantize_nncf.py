@@ -266,7 +266,7 @@ def _compress_weights(model: onnx.ModelProto, config: QuantizeNncfConfig, ctx: S
     return compressed, warnings
 
 
-@register("quantize.nncf", QuantizeNncfConfig, accepts=("torch", "onnx"), produces="onnx")
+@register("quantize.nncf", QuantizeNncfConfig, accepts=("torch", "onnx"), produces="onnx", stage="quantize")
 def apply(state: ModelState, config: QuantizeNncfConfig, ctx: StepContext) -> StepResult:
     import nncf
 

@@ -183,7 +183,7 @@ def _train(
     return history, freeze_step
 
 
-@register("quantize.qat", QuantizeQATConfig, accepts=("torch",), produces="onnx")
+@register("quantize.qat", QuantizeQATConfig, accepts=("torch",), produces="onnx", stage="quantize")
 def apply(state: ModelState, config: QuantizeQATConfig, ctx: StepContext) -> StepResult:
     import torch
 

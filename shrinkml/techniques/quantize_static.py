@@ -18,7 +18,7 @@ from pydantic import Field
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 
 if TYPE_CHECKING:
     import onnx
@@ -34,7 +34,7 @@ class QuantizeStaticConfig(StepConfig):
         "quantize.static", description="the technique this step runs (`shrinkml techniques` lists them)"
     )
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = Field(
-        "minmax",
+        "minmax", json_schema_extra=searchable(choices=("minmax", "percentile")),
         description="how activation ranges are chosen: min-max, a percentile of |values|, ONNX Runtime's"
         " entropy (KL) method, or the clipping range with the least mean squared quantization error",
     )
@@ -398,7 +398,8 @@ def build_quantizer(state: ModelState, config: QuantizeStaticConfig, ctx: StepCo
 
 
 @register(
-    "quantize.static", QuantizeStaticConfig, accepts=("torch", "onnx"), produces="onnx", quantizer=build_quantizer
+    "quantize.static", QuantizeStaticConfig, accepts=("torch", "onnx"), produces="onnx", quantizer=build_quantizer,
+    stage="quantize",
 )
 def apply(state: ModelState, config: QuantizeStaticConfig, ctx: StepContext) -> StepResult:
     import onnx

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
 from shrinkml.quant.blocks import check_group_size
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 
 if TYPE_CHECKING:
     import onnx
@@ -54,8 +54,9 @@ class QuantizeWeightOnlyConfig(StepConfig):
     technique: Literal["quantize.weight_only"] = Field(
         "quantize.weight_only", description="the technique this step runs (`shrinkml techniques` lists them)"
     )
-    bits: Literal[4, 8] = Field(4, description="bits per stored weight code")
-    group_size: int = Field(32, ge=16, description="weights per scale along the input dimension; a power of 2")
+    bits: Literal[4, 8] = Field(4, description="bits per stored weight code", json_schema_extra=searchable(choices=(4, 8)))
+    group_size: int = Field(32, ge=16, description="weights per scale along the input dimension; a power of 2",
+                            json_schema_extra=searchable(choices=(32, 64, 128)))
     method: Literal["rtn", "gptq"] = Field(
         "rtn", description="round-to-nearest, or GPTQ (error-compensating, uses calibration examples)"
     )
@@ -383,7 +384,8 @@ def build_quantizer(state: ModelState, config: QuantizeWeightOnlyConfig, ctx: St
 
 
 @register(
-    "quantize.weight_only", QuantizeWeightOnlyConfig, accepts=("torch",), produces="onnx", quantizer=build_quantizer
+    "quantize.weight_only", QuantizeWeightOnlyConfig, accepts=("torch",), produces="onnx", quantizer=build_quantizer,
+    stage="quantize",
 )
 def apply(state: ModelState, config: QuantizeWeightOnlyConfig, ctx: StepContext) -> StepResult:
     from torch import nn

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.errors import InputError
-from shrinkml.techniques.base import StepConfig, register
+from shrinkml.techniques.base import StepConfig, register, searchable
 from shrinkml.techniques.quantize_dynamic import float_onnx
 
 if TYPE_CHECKING:
@@ -49,7 +49,8 @@ class ShareEmbeddingsConfig(StepConfig):
     technique: Literal["share.embeddings"] = Field(
         "share.embeddings", description="the technique this step runs (`shrinkml techniques` lists them)"
     )
-    vector_size: int = Field(3, ge=1, le=16, description="weights per shared vector (8/vector_size bits per weight)")
+    vector_size: int = Field(3, ge=1, le=16, description="weights per shared vector (8/vector_size bits per weight)",
+                             json_schema_extra=searchable(choices=(2, 3, 4)))
     codebook_size: int = Field(256, ge=2, le=256, description="shared vectors per position (codes are uint8)")
     iterations: int = Field(25, ge=1, le=500, description="k-means (Lloyd) iterations per codebook")
     min_rows: int = Field(256, ge=2, description="tables with fewer rows stay float")
@@ -209,7 +210,21 @@ def _run(model: onnx.ModelProto, x: np.ndarray, threads: int) -> np.ndarray:
     return OrtRunner(model.SerializeToString(), threads=threads).run(x)
 
 
-@register("share.embeddings", ShareEmbeddingsConfig, accepts=("torch", "onnx"), produces="onnx")
+def _has_embeddings(loaded) -> str | None:
+    """A search's check: the model must have an embedding table of at least ``min_rows`` rows."""
+    min_rows = ShareEmbeddingsConfig().min_rows
+    if loaded.kind == "torch":
+        from torch import nn
+
+        if any(isinstance(m, nn.Embedding) and m.num_embeddings >= min_rows for m in loaded.module.modules()):
+            return None
+    elif any(n.op_type == "Gather" for n in loaded.onnx_model.graph.node):
+        return None
+    return f"no embedding table of at least {min_rows} rows"
+
+
+@register("share.embeddings", ShareEmbeddingsConfig, accepts=("torch", "onnx"), produces="onnx",
+          stage="finish", applies=_has_embeddings)
 def apply(state: ModelState, config: ShareEmbeddingsConfig, ctx: StepContext) -> StepResult:
     import onnx
     from onnx import numpy_helper

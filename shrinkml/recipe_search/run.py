@@ -165,6 +165,14 @@ class _Session:
         trial.set_user_attr("worker", st.worker_tag())
         steps = self.space.suggest(trial)
         trial.set_user_attr("recipe", to_jsonable(steps))
+        same = self._measured_before(trial)
+        if same is not None:  # the sampler drew a recipe already measured: same steps, same seed, same result
+            trial.set_user_attr("duplicate_of", same.number)
+            for key in ("constraints", "measured", "details"):
+                trial.set_user_attr(key, same.user_attrs.get(key))
+            for key, value in same.user_attrs.get("constraints", {}).items():
+                trial.set_constraint(key, float(value))
+            return list(same.values)
         try:
             self.evaluator.check_recipe(steps)
             outcome = self.evaluator.evaluate(steps, label=f"trial-{trial.number}")
@@ -192,6 +200,14 @@ class _Session:
         trial.set_user_attr("details", to_jsonable(outcome.details))
         return [float(outcome.values[o]) for o in self.objectives]
 
+    def _measured_before(self, trial):
+        """A complete trial of this study with the same recipe, if any."""
+        recipe = trial.user_attrs.get("recipe") if hasattr(trial, "user_attrs") else None
+        for other in self.study.get_trials(deepcopy=False, states=(st_states().COMPLETE,)):
+            if other.number != trial.number and other.user_attrs.get("recipe") == recipe and other.values:
+                return other
+        return None
+
     def run(self, on_trial=None) -> None:
         from shrinkml.recipe_search import study as st
 
@@ -208,6 +224,12 @@ class _Session:
                 f"the search stopped: {self.failures} trials in a row failed, the last with {self.last_error}."
                 " Rerun with --debug, or narrow the space with --space to leave the failing technique out"
             )
+
+
+def st_states():
+    from shrinkml.recipe_search.study import optuna_module
+
+    return optuna_module().trial.TrialState
 
 
 class _TrialFailed(Exception):
@@ -435,7 +457,7 @@ def _trial_row(t, objectives) -> dict[str, Any]:
         row["feasible"] = st.feasible(t)
     if "details" in t.user_attrs:
         row["details"] = t.user_attrs["details"]
-    for key in ("stopped", "error", "lost"):
+    for key in ("stopped", "error", "lost", "duplicate_of"):
         if key in t.user_attrs:
             row[key] = t.user_attrs[key]
     if t.datetime_start and t.datetime_complete:
@@ -492,6 +514,7 @@ def _finish(session: _Session, best_dir: Path, *, duration: float, lost: int, tr
             "finished": len(trials), "this_run": finished_here, "resumed": resumed, "lost_when_resumed": lost,
             "complete": states.get("complete", 0), "feasible": sum(st.feasible(t) for t in trials),
             "stopped_early": states.get("pruned", 0), "failed": states.get("fail", 0),
+            "repeated_recipes": sum("duplicate_of" in t.user_attrs for t in trials),
             "not_feasible_because": dict(why.most_common()),
         },
         "duration_s": round(duration, 1),

@@ -33,6 +33,7 @@ JOURNAL = "study.journal"
 DEFAULT_STUDY = "shrinkml-search"
 SCHEMA = "shrinkml.search/1"
 MAX_CONSECUTIVE_FAILURES = 5
+MAX_REPEATS = 20  # a worker stops after this many trials in a row that only redrew measured recipes
 
 
 class SearchRequest(BaseModel):
@@ -146,6 +147,8 @@ class _Session:
         self.study = st.open_study(self.store, request.study, directions, self.fingerprint(), sampler,
                                    must_exist=must_exist, where=where)
         self.failures = 0
+        self.repeats = 0  # trials in a row that drew an already measured recipe
+        self.converged = False
         self.last_error = ""
 
     def fingerprint(self) -> dict[str, Any]:
@@ -167,6 +170,7 @@ class _Session:
         trial.set_user_attr("recipe", to_jsonable(steps))
         same = self._measured_before(trial)
         if same is not None:  # the sampler drew a recipe already measured: same steps, same seed, same result
+            self.repeats += 1
             trial.set_user_attr("duplicate_of", same.number)
             for key in ("constraints", "measured", "details"):
                 trial.set_user_attr(key, same.user_attrs.get(key))
@@ -213,6 +217,9 @@ class _Session:
 
         def guard(study, trial) -> None:
             if self.failures >= MAX_CONSECUTIVE_FAILURES:
+                study.stop()
+            if self.repeats >= MAX_REPEATS:  # the sampler only redraws measured recipes: the space is spent
+                self.converged = True
                 study.stop()
             if on_trial is not None:
                 on_trial(study, trial)
@@ -518,12 +525,19 @@ def _finish(session: _Session, best_dir: Path, *, duration: float, lost: int, tr
             "not_feasible_because": dict(why.most_common()),
         },
         "duration_s": round(duration, 1),
+        "stopped_because": ("converged: the sampler redrew only measured recipes "
+                            f"{MAX_REPEATS} times in a row" if session.converged else
+                            "time budget" if session.deadline is not None and time.time() >= session.deadline else
+                            "trial count"),
         "trials_per_hour": round(3600 * finished_here / duration) if duration > 0 else None,
+        "measured_per_hour": round(3600 * sum(1 for t in trials[-finished_here:] if "duplicate_of" not in t.user_attrs)
+                                   / duration) if duration > 0 and finished_here > 0 else None,
         "cache": {"enabled": r.cache, "steps_reused": cached_steps, "seconds_saved": round(saved, 1)},
         "pruning": {"enabled": r.pruning, "trials_stopped": sum(
             1 for t in trials if t.user_attrs.get("stopped", {}).get("kind") == "pruned")},
         "front": [_trial_row(t, objectives) for t in front],
-        "all_trials": [_trial_row(t, objectives) for t in trials],
+        "all_trials": [_trial_row(t, objectives) for t in trials if "duplicate_of" not in t.user_attrs],
+        "repeats_of": dict(Counter(str(t.user_attrs["duplicate_of"]) for t in trials if "duplicate_of" in t.user_attrs)),
         "best": None,
         "met": False,
     }

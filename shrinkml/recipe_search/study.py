@@ -178,7 +178,8 @@ def choose_best(trials: list, objectives: tuple[str, ...], prefer: str):
     from shrinkml.recipe_search.trial import OBJECTIVES
 
     directions = [OBJECTIVES[o] for o in objectives]
-    front = pareto([t for t in trials if feasible(t)], directions)
+    measured = [t for t in trials if "duplicate_of" not in t.user_attrs]  # a redrawn recipe is its first trial
+    front = pareto([t for t in measured if feasible(t)], directions)
     if not front:
         return None, front
 

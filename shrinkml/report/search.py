@@ -83,7 +83,8 @@ def search_document(report: dict) -> Document:
     headline = (f"{trials['finished']} trials in {report['duration_s'] / 60:.1f} min"
                 f" ({_num(report['trials_per_hour'], 3)} per hour this run): {trials['feasible']} feasible,"
                 f" {trials['complete'] - trials['feasible']} infeasible, {trials['stopped_early']} stopped early,"
-                f" {trials['failed']} failed. Targets: " + "; ".join(goals) + ".")
+                f" {trials['failed']} failed, {trials.get('repeated_recipes', 0)} redrew a measured recipe"
+                f" (stopped by: {report.get('stopped_because', 'n/a')}). Targets: " + "; ".join(goals) + ".")
     sections = []
     if best is not None:
         test = best["test"]

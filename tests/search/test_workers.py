@@ -55,25 +55,30 @@ def _journal_trials(path):
 
 def test_a_killed_search_resumes_and_loses_at_most_the_running_trial(project, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "shrinkml.cli", *_args(project, out, "--trials", "8")],
+    # every trial trains for a second or more, so the kill lands mid-search even on a loaded machine
+    (tmp_path / "space.yaml").write_text(SPACE.replace("[none, prune.channels]", "[prune.channels]")
+                                         .replace("finetune__epochs: 4", "finetune__epochs: 20"))
+    args = _args(project, out, "--trials", "8")
+    args[args.index("--space") + 1] = str(tmp_path / "space.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "shrinkml.cli", *args],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     journal = out / "study.journal"
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            if journal.exists() and sum(t.state.name == "COMPLETE" for t in _journal_trials(journal)) >= 2:
+            if journal.exists() and sum(t.state.name == "COMPLETE" for t in _journal_trials(journal)) >= 1:
                 break
             assert proc.poll() is None, "the search ended before it could be killed"
             time.sleep(0.2)
         else:
-            pytest.fail("no two trials completed within 240 s")
+            pytest.fail("no trial completed within 240 s")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     before = {t.number: t.params for t in _journal_trials(journal) if t.state.name == "COMPLETE"}
     assert not (out / "search.json").exists()  # killed: no result, only the live study
-    assert main(_args(project, out, "--trials", "8", "--resume")) in (0, 1)
+    assert main([*args, "--resume"]) in (0, 1)
     report = json.loads((out / "search.json").read_text())
     assert report["trials"]["resumed"] and report["trials"]["finished"] == 8
     assert report["trials"]["lost_when_resumed"] <= 1  # at most the trial that was running

@@ -191,3 +191,14 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):
     finally:
         server.stop()
         server.remove()
+
+
+@pytest.fixture(scope="module")
+def mlp_weights(tmp_path_factory):
+    """The weights of a digits MLP trained as `shrinkml demo` trains its CNN (the search tests' model)."""
+    from shrinkml.examples.demo import build_demo_model, demo_data, digits_mlp
+    from shrinkml.progress import SILENT
+
+    root = tmp_path_factory.mktemp("mlp")
+    build_demo_model(demo_data(0), seed=0, progress=SILENT, weights_out=root / "mlp.safetensors", factory=digits_mlp)
+    return root / "mlp.safetensors"

@@ -27,15 +27,10 @@ params:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A trained digits MLP's weights and a small search space file."""
-    from shrinkml.examples.demo import build_demo_model, demo_data, digits_mlp
-    from shrinkml.progress import SILENT
-
-    root = tmp_path_factory.mktemp("search")
-    build_demo_model(demo_data(0), seed=0, progress=SILENT, weights_out=root / "mlp.safetensors", factory=digits_mlp)
-    (root / "space.yaml").write_text(FAST_SPACE)
-    return root
+def project(mlp_weights):
+    """The trained MLP's folder, with a small search space file."""
+    (mlp_weights.parent / "space.yaml").write_text(FAST_SPACE)
+    return mlp_weights.parent
 
 
 def _run(project, out, *extra):

@@ -95,6 +95,16 @@ def make_splits(
     n_test = int(round(n * fractions.test))
     n_ft = min(int(round(n * fractions.finetune)), n - n_cal - n_test)
     n_val = min(int(round(n * fractions.validation)), n - n_cal - n_test - n_ft)
+    left = n - n_cal - n_test - n_ft - n_val
+    if left and fractions.calibration + fractions.finetune + fractions.validation + fractions.test > 1 - 1e-9:
+        # fractions that sum to 1 use every example: rounding (half to even) can leave one or two
+        # over; they go to the last split that is asked for, so calibration and test stay as cut
+        if fractions.validation > 0:
+            n_val += left
+        elif fractions.finetune > 0:
+            n_ft += left
+        else:
+            n_test += left
     if n_cal < 1 or n_test < 2:
         raise InputError(
             "the data is too small to split",

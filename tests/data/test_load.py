@@ -28,6 +28,20 @@ def test_make_splits_indices_partition():
     assert len(seen) == len(set(seen.tolist())) == 100
 
 
+@pytest.mark.parametrize("n", [1125, 1124, 45, 7])
+def test_fractions_that_sum_to_one_use_every_example(n):
+    """Half-to-even rounding of 0.1/0.3/0.5/0.1 of 1125 gives 112+338+562+112 = 1124: the example
+    left over goes to the last split asked for instead of being dropped."""
+    data = ArrayData(np.arange(n, dtype=np.float32)[:, None], np.arange(n) % 3)
+    s = make_splits(data, seed=0)
+    seen = np.concatenate([s.calibration.x[:, 0], s.finetune.x[:, 0], s.validation.x[:, 0], s.test.x[:, 0]])
+    assert len(seen) == len(set(seen.tolist())) == n
+    no_val = make_splits(data, seed=0, fractions=SplitFractions(finetune=0.6, validation=0.0))
+    assert sum(no_val.sizes().values()) == n
+    some = make_splits(data, seed=0, fractions=SplitFractions(calibration=0.1, finetune=0.2, validation=0.1, test=0.3))
+    assert sum(some.sizes().values()) < n  # fractions below 1 leave the rest out, as asked
+
+
 def test_calibration_and_test_do_not_depend_on_the_other_fractions():
     """Carving a validation split out of fine-tune leaves calibration and test as they were."""
     data = ArrayData(np.arange(200, dtype=np.float32)[:, None], np.arange(200) % 3)

@@ -174,3 +174,31 @@ def test_the_prefix_cache_reuses_a_pruned_and_finetuned_model(project, tmp_path)
     c = uncached.evaluate(prefix + [{"technique": "quantize.static"}])
     assert c.details["seconds"]["cached_steps"] == 0
     assert c.values["size"] == b.values["size"] and c.values["metric"] == b.values["metric"]
+
+
+def test_a_latency_target_is_met_only_when_the_p50_ci_is_within_it(project, tmp_path, monkeypatch):
+    """A p50 under the line with a CI that crosses it is infeasible: noise is not a met target."""
+    import numpy as np
+
+    import shrinkml.measure.latency as latency
+    from shrinkml.pipeline import Pipeline
+    from shrinkml.recipe_search.trial import Targets, TrialEvaluator
+    from shrinkml.settings import RunSettings
+
+    samples = tuple(float(v) for v in np.random.default_rng(0).normal(1.0, 0.15, 41).clip(0.5))
+    p50 = float(np.median(samples))
+
+    def fake(fns, **_):
+        return {name: latency.LatencyStats(p50, max(samples), p50, len(samples), 1, samples) for name in fns}
+
+    monkeypatch.setattr(latency, "time_interleaved", fake)
+    pipe = Pipeline.prepare(MODEL, data="builtin:digits", weights=project / "mlp.safetensors",
+                            settings=RunSettings(threads=1, repeats=10))
+    steps = [{"technique": "quantize.dynamic"}]
+    tight = TrialEvaluator(pipe, Targets(max_latency_ms=p50 * 1.01), ("size", "latency", "metric"), workdir=tmp_path)
+    out = tight.evaluate(steps)
+    lo, hi = out.details["latency_ms_ci95"]
+    assert lo < p50 < p50 * 1.01 < hi and out.values["latency"] == p50
+    assert out.constraints["latency"] == pytest.approx(hi - p50 * 1.01) and out.constraints["latency"] > 0
+    loose = TrialEvaluator(pipe, Targets(max_latency_ms=hi * 1.01), ("size", "latency", "metric"), workdir=tmp_path / "l")
+    assert loose.evaluate(steps).constraints["latency"] < 0

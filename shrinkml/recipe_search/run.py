@@ -147,6 +147,7 @@ class _Session:
         self.study = st.open_study(self.store, request.study, directions, self.fingerprint(), sampler,
                                    must_exist=must_exist, where=where)
         self.failures = 0
+        self.incompatible: dict[str, str] = {}  # recipe -> why its steps do not compose
         self.repeats = 0  # trials in a row that drew an already measured recipe
         self.converged = False
         self.last_error = ""
@@ -178,8 +179,22 @@ class _Session:
                 trial.set_constraint(key, float(value))
             return list(same.values)
         try:
-            self.evaluator.check_recipe(steps)
-            outcome = self.evaluator.evaluate(steps, label=f"trial-{trial.number}")
+            known = self.incompatible.get(_recipe_key(steps))
+            if known is not None:  # refused before: the same steps refuse the same way
+                self.repeats += 1
+                self.evaluator.last_seconds = {}
+                raise TrialStopped(known, "incompatible")
+            self.repeats = 0
+            try:
+                self.evaluator.check_recipe(steps)
+                outcome = self.evaluator.evaluate(steps, label=f"trial-{trial.number}")
+            except InputError as exc:
+                # a step refused what the steps before it made (share.embeddings after a quantizer that
+                # turned the tables into integers, say): the sampled steps do not compose. Infeasible
+                # and said so, not a failure: the space holds other recipes worth trying.
+                reason = f"the steps do not compose: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+                self.incompatible[_recipe_key(steps)] = reason
+                raise TrialStopped(reason, "incompatible") from None
         except TrialStopped as stop:
             trial.set_user_attr("stopped", {"kind": stop.kind, "reason": stop.reason})
             trial.set_user_attr("details", {"seconds": dict(self.evaluator.last_seconds),
@@ -472,6 +487,10 @@ def _trial_row(t, objectives) -> dict[str, Any]:
     return row
 
 
+def _recipe_key(steps: list[dict]) -> str:
+    return json.dumps(steps, sort_keys=True, default=str)
+
+
 def _why(t) -> str:
     """Why a trial is not feasible, in a word or two."""
     if t.state.name == "COMPLETE":
@@ -480,7 +499,7 @@ def _why(t) -> str:
     if t.state.name == "PRUNED":
         kind = t.user_attrs.get("stopped", {}).get("kind", "pruned")
         return {"size": "too large (rejected before timing)", "pruned": "stopped early (training)",
-                "empty": "no step sampled"}.get(kind, kind)
+                "empty": "no step sampled", "incompatible": "steps do not compose"}.get(kind, kind)
     if t.state.name == "FAIL":
         return "lost (worker stopped)" if "lost" in t.user_attrs else "failed: " + t.user_attrs.get("error", "?")[:80]
     return t.state.name.lower()

@@ -202,3 +202,36 @@ def test_a_latency_target_is_met_only_when_the_p50_ci_is_within_it(project, tmp_
     assert out.constraints["latency"] == pytest.approx(hi - p50 * 1.01) and out.constraints["latency"] > 0
     loose = TrialEvaluator(pipe, Targets(max_latency_ms=hi * 1.01), ("size", "latency", "metric"), workdir=tmp_path / "l")
     assert loose.evaluate(steps).constraints["latency"] < 0
+
+
+def test_steps_that_do_not_compose_are_infeasible_not_failures(project, tmp_path, monkeypatch):
+    """A step that refuses what the steps before it made (share.embeddings after a quantizer that
+    made the tables integers, on a text model) marks the trial infeasible with the reason, is not
+    evaluated again when redrawn, and does not count toward the failures that stop a search."""
+    from shrinkml.recipe_search.run import MAX_CONSECUTIVE_FAILURES, search
+    from shrinkml.recipe_search.trial import TrialEvaluator
+    from shrinkml.settings import RunSettings
+
+    evaluated: list[str] = []
+    real = TrialEvaluator.evaluate
+
+    def evaluate(self, steps, label="trial"):
+        names = [s["technique"] for s in steps]
+        evaluated.append(json.dumps(steps, sort_keys=True))
+        if "quantize.static" in names:
+            raise InputError("quantize.static found nothing it can take", where="steps[-1]")
+        return real(self, steps, label)
+
+    monkeypatch.setattr(TrialEvaluator, "evaluate", evaluate)
+    (tmp_path / "space.yaml").write_text(FAST_SPACE.replace("[quantize.dynamic, quantize.static]", "[quantize.static]"))
+    trials = MAX_CONSECUTIVE_FAILURES + 3
+    result = search(MODEL, data="builtin:digits", weights=str(project / "mlp.safetensors"), out=tmp_path / "out",
+                    trials=trials, space=tmp_path / "space.yaml", settings=RunSettings(threads=1, repeats=10))
+    report = result.report
+    assert report["trials"]["finished"] == trials  # never stopped as failing
+    assert report["trials"]["failed"] == 0
+    assert report["trials"]["not_feasible_because"].get("steps do not compose", 0) >= MAX_CONSECUTIVE_FAILURES
+    assert len(evaluated) == len(set(evaluated))  # a redrawn refused recipe is not evaluated again
+    refused = [row for row in report["all_trials"] if row.get("stopped", {}).get("kind") == "incompatible"]
+    assert refused and "do not compose" in refused[0]["stopped"]["reason"]
+    assert "quantize.static found nothing" in refused[0]["stopped"]["reason"]

@@ -147,7 +147,6 @@ class _Session:
         self.study = st.open_study(self.store, request.study, directions, self.fingerprint(), sampler,
                                    must_exist=must_exist, where=where)
         self.failures = 0
-        self.incompatible: dict[str, str] = {}  # recipe -> why its steps do not compose
         self.repeats = 0  # trials in a row that drew an already measured recipe
         self.converged = False
         self.last_error = ""
@@ -170,21 +169,23 @@ class _Session:
         steps = self.space.suggest(trial)
         trial.set_user_attr("recipe", to_jsonable(steps))
         same = self._measured_before(trial)
-        if same is not None:  # the sampler drew a recipe already measured: same steps, same seed, same result
+        if same is not None:  # the sampler drew a recipe already tried: same steps, same seed, same result
             self.repeats += 1
             trial.set_user_attr("duplicate_of", same.number)
+            if same.state == st_states().PRUNED:  # stopped early, refused, too large: the same again
+                stopped = same.user_attrs["stopped"]
+                trial.set_user_attr("stopped", stopped)
+                trial.set_user_attr("details", same.user_attrs.get("details"))
+                for key in self.evaluator.targets.constraint_names():
+                    trial.set_constraint(key, 1.0)
+                raise optuna.TrialPruned(stopped["reason"])
             for key in ("constraints", "measured", "details"):
                 trial.set_user_attr(key, same.user_attrs.get(key))
             for key, value in same.user_attrs.get("constraints", {}).items():
                 trial.set_constraint(key, float(value))
             return list(same.values)
+        self.repeats = 0
         try:
-            known = self.incompatible.get(_recipe_key(steps))
-            if known is not None:  # refused before: the same steps refuse the same way
-                self.repeats += 1
-                self.evaluator.last_seconds = {}
-                raise TrialStopped(known, "incompatible")
-            self.repeats = 0
             try:
                 self.evaluator.check_recipe(steps)
                 outcome = self.evaluator.evaluate(steps, label=f"trial-{trial.number}")
@@ -193,7 +194,6 @@ class _Session:
                 # turned the tables into integers, say): the sampled steps do not compose. Infeasible
                 # and said so, not a failure: the space holds other recipes worth trying.
                 reason = f"the steps do not compose: {(str(exc).strip().splitlines() or [''])[0][:300]}"
-                self.incompatible[_recipe_key(steps)] = reason
                 raise TrialStopped(reason, "incompatible") from None
         except TrialStopped as stop:
             trial.set_user_attr("stopped", {"kind": stop.kind, "reason": stop.reason})
@@ -220,10 +220,18 @@ class _Session:
         return [float(outcome.values[o]) for o in self.objectives]
 
     def _measured_before(self, trial):
-        """A complete trial of this study with the same recipe, if any."""
+        """A finished trial of this study with the same recipe, if any: complete with its values, or
+        stopped early with its reason (steps are deterministic for a seed, so either outcome would
+        repeat). Read from the storage, so a recipe another worker tried counts too."""
         recipe = trial.user_attrs.get("recipe") if hasattr(trial, "user_attrs") else None
-        for other in self.study.get_trials(deepcopy=False, states=(st_states().COMPLETE,)):
-            if other.number != trial.number and other.user_attrs.get("recipe") == recipe and other.values:
+        states = st_states()
+        for other in self.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)):
+            if other.number == trial.number or other.user_attrs.get("recipe") != recipe:
+                continue
+            stopped = other.user_attrs.get("stopped", {})
+            if stopped.get("kind") == "pruned" and not self.request.pruning:
+                continue  # stopped by the training rule, which this run turned off: measure it
+            if (other.state == states.COMPLETE and other.values) or stopped:
                 return other
         return None
 
@@ -487,10 +495,6 @@ def _trial_row(t, objectives) -> dict[str, Any]:
     return row
 
 
-def _recipe_key(steps: list[dict]) -> str:
-    return json.dumps(steps, sort_keys=True, default=str)
-
-
 def _why(t) -> str:
     """Why a trial is not feasible, in a word or two."""
     if t.state.name == "COMPLETE":
@@ -553,7 +557,7 @@ def _finish(session: _Session, best_dir: Path, *, duration: float, lost: int, tr
                                    / duration) if duration > 0 and finished_here > 0 else None,
         "cache": {"enabled": r.cache, "steps_reused": cached_steps, "seconds_saved": round(saved, 1)},
         "pruning": {"enabled": r.pruning, "trials_stopped": sum(
-            1 for t in trials if t.user_attrs.get("stopped", {}).get("kind") == "pruned")},
+            1 for t in trials if t.user_attrs.get("stopped", {}).get("kind") == "pruned" and "duplicate_of" not in t.user_attrs)},
         "front": [_trial_row(t, objectives) for t in front],
         "all_trials": [_trial_row(t, objectives) for t in trials if "duplicate_of" not in t.user_attrs],
         "repeats_of": dict(Counter(str(t.user_attrs["duplicate_of"]) for t in trials if "duplicate_of" in t.user_attrs)),

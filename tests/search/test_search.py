@@ -232,6 +232,7 @@ def test_steps_that_do_not_compose_are_infeasible_not_failures(project, tmp_path
     assert report["trials"]["failed"] == 0
     assert report["trials"]["not_feasible_because"].get("steps do not compose", 0) >= MAX_CONSECUTIVE_FAILURES
     assert len(evaluated) == len(set(evaluated))  # a redrawn refused recipe is not evaluated again
+    assert report["trials"]["repeated_recipes"] == trials - len(evaluated) > 0
     refused = [row for row in report["all_trials"] if row.get("stopped", {}).get("kind") == "incompatible"]
     assert refused and "do not compose" in refused[0]["stopped"]["reason"]
     assert "quantize.static found nothing" in refused[0]["stopped"]["reason"]

@@ -69,6 +69,23 @@ def _check_forward(loaded, example: np.ndarray, source: str, threads: int) -> np
         ) from exc
 
 
+def _check_causal_lm(loaded, task) -> None:
+    """Causal LMs are measured by ``--task perplexity`` only, and that task only measures them."""
+    if loaded.lm is not None and not task.causal_lm:
+        raise InputError(
+            f"this is a causal language model, which --task {task.name} cannot measure",
+            where=loaded.source, expected="--task perplexity for a decoder language model",
+            found=f"a {loaded.lm.architecture} causal LM", fix="pass --task perplexity",
+        )
+    task.check_model(loaded, None)
+    raise InputError(
+        "compress and bench do not run causal language models yet: their measurement (perplexity"
+        " windows, KL, tokens/s with the KV cache) is in shrinkml.measure.lm, and the commands are"
+        " not wired to it in this version",
+        where=loaded.source, fix="call shrinkml.measure.lm.score_windows and time_generation from Python",
+    )
+
+
 def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
     """Load the model and the data, split it, and check that they fit before any work."""
     from shrinkml.models import load_model
@@ -76,6 +93,8 @@ def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
     task = get_task(task_name)
     # first: text data is tokenized by the model's tokenizer
     loaded = load_model(model, weights, random_weights=settings.random_weights)
+    if loaded.lm is not None or task.causal_lm:
+        _check_causal_lm(loaded, task)
     encoding = None
     if loaded.text is not None:
         from shrinkml.data.text import DEFAULT_MAX_LENGTH, TextEncoding

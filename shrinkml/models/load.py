@@ -289,6 +289,15 @@ def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: 
                 fix="pass the directory that save_pretrained / SentenceTransformer.save wrote",
             )
         return load_hf_dir(path)
+    if path.suffix.lower() == ".gguf":
+        if weights is not None or random_weights:
+            raise _only_for_factories(
+                "--weights" if weights is not None else "--random-weights",
+                "a .gguf file holds its own weights: drop --weights / --random-weights",
+            )
+        from shrinkml.models.causal_lm import load_gguf
+
+        return load_gguf(path)
     if path.suffix.lower() == ".onnx":
         if weights is not None or random_weights:
             raise _only_for_factories(

@@ -22,7 +22,8 @@ class LoadedModel:
     module: Any = None  # torch.nn.Module
     onnx_model: Any = None  # onnx.ModelProto
     weights: str | None = None
-    text: Any = None  # shrinkml.models.hf.TextModelInfo for Hugging Face model directories
+    text: Any = None  # shrinkml.models.hf.TextModelInfo for Hugging Face encoder directories
+    lm: Any = None  # shrinkml.models.causal_lm.CausalLMInfo for decoder language models (dirs, GGUF)
     random_weights: bool = False  # a factory model run as built (--random-weights): no trained weights
     notes: list[str] = field(default_factory=list)  # decisions taken while loading, for the report
     # tensors the weights resized from the factory's shapes (a model saved after prune.channels):

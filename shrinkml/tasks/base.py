@@ -119,6 +119,7 @@ class Task(ABC):
     name: str = ""
     needs_labels: bool = False
     description: str = ""
+    causal_lm: bool = False  # measures decoder language models (token windows, logits), nothing else
 
     @abstractmethod
     def primary_metric(self, outputs_shape: tuple[int, ...]) -> str:

@@ -1,0 +1,90 @@
+"""``perplexity``: a causal language model on held-out text, in fixed windows (``shrinkml.data.lm``).
+
+Per window the task keeps the sum of the targets' negative log-likelihoods and how many targets it
+scored; perplexity is ``exp(sum NLL / sum tokens)`` over the split, and its 95% CI bootstraps
+whole windows (tokens inside a window are not independent). Against the original model, on the
+same windows, it keeps what LLM users compare:
+
+* ``kl_divergence``: mean over scored tokens of KL(original || compressed) of the next-token
+  distributions, computed exactly over the whole vocabulary while both models' logits are in hand
+  (nothing of the vocabulary-sized distributions is stored);
+* ``top1_agreement``: the fraction of scored tokens where both models' most likely next token is
+  the same.
+
+The budget reads perplexity: ``--max-drop 0.03 --drop-type relative`` allows a 3% increase, met
+when the upper end of the paired 95% CI of ``ppl_compressed / ppl_original - 1`` is within it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from shrinkml.data import Splits
+from shrinkml.errors import InputError
+from shrinkml.tasks.base import Task
+
+METRICS = ("perplexity", "kl_divergence", "top1_agreement")
+
+
+def window_statistics(logits, ids, first, reference_logits=None) -> dict[str, np.ndarray]:
+    """Per-window sums for a batch: ``nll`` (sum of target NLLs), ``tokens`` (targets scored), and
+    with ``reference_logits``: ``kl`` (sum of per-token KL(reference || logits)) and ``top1`` (count
+    of tokens whose argmax agrees). ``logits``: torch ``(B, T, V)``; ``ids``: ``(B, T)`` token ids;
+    ``first``: ``(B,)`` first scored target position of each window (position ``t`` predicts
+    ``ids[t]`` from ``logits[t - 1]``)."""
+    import torch
+
+    logits = torch.as_tensor(logits).float()
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+    b, t, _ = logits.shape
+    first = torch.as_tensor(np.asarray(first), dtype=torch.long)
+    positions = torch.arange(1, t).unsqueeze(0)  # target positions 1..T-1
+    mask = positions >= first.unsqueeze(1)  # (B, T-1)
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # predictions for targets 1..T-1
+    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    out = {"nll": (nll * mask).sum(1).double().numpy(), "tokens": mask.sum(1).double().numpy()}
+    if reference_logits is not None:
+        ref = torch.log_softmax(torch.as_tensor(reference_logits).float()[:, :-1], dim=-1)
+        kl = (ref.exp() * (ref - logp)).sum(-1).clamp(min=0.0)  # exact, over the whole vocabulary
+        agree = (ref.argmax(-1) == logp.argmax(-1)).float()
+        out["kl"] = (kl * mask).sum(1).double().numpy()
+        out["top1"] = (agree * mask).sum(1).double().numpy()
+    return out
+
+
+def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> float:
+    return float(np.sum(num) / max(float(np.sum(den)), 1.0))
+
+
+class Perplexity(Task):
+    name = "perplexity"
+    needs_labels = False
+    causal_lm = True
+    description = "causal language models: perplexity on held-out text, KL and top-1 agreement with the original"
+
+    def primary_metric(self, outputs_shape: tuple[int, ...]) -> str:
+        return "perplexity"
+
+    def scores(self, outputs: np.ndarray, data, reference: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError(
+            "perplexity is scored window by window by shrinkml.measure.lm, with both models' logits in hand")
+
+    def check_model(self, loaded: Any, splits: Splits) -> None:
+        if getattr(loaded, "lm", None) is None:
+            raise InputError(
+                "--task perplexity measures a causal language model, and this is not one",
+                where=loaded.source,
+                expected="a Hugging Face causal-LM directory (config.json naming a *ForCausalLM) or a .gguf file",
+                found=f"a {loaded.kind} model" + (" (a text encoder)" if getattr(loaded, "text", None) else ""),
+                fix="use --task embedding, classification or fidelity for this model",
+            )
+
+    def check_outputs(self, splits: Splits, outputs: np.ndarray, where: str) -> None:
+        from shrinkml.tasks.base import _check_finite
+
+        _check_finite(splits, np.asarray(outputs), where)
+
+
+TASK = Perplexity()

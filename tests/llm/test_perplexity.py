@@ -1,0 +1,110 @@
+"""Causal LMs: loading (never as an encoder), windows that keep test text out of calibration,
+perplexity equal to transformers' own loss, exact KL and top-1 agreement, and KV-cache generation."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from shrinkml.data.lm import LMEncoding, lm_splits, read_texts, scored_tokens, windows  # noqa: E402
+from shrinkml.errors import InputError  # noqa: E402
+from shrinkml.measure.lm import TorchGenerator, score_windows, time_generation  # noqa: E402
+from shrinkml.models import load_model  # noqa: E402
+from shrinkml.tasks import get_task  # noqa: E402
+
+
+@pytest.mark.parametrize("n, context, stride", [(10, 4, 2), (11, 4, 2), (100, 16, 5), (16, 16, 8), (33, 8, 7)])
+def test_windows_score_every_token_after_the_first_exactly_once(n, context, stride):
+    x, first = windows(np.arange(n), context=context, stride=stride)
+    assert x.shape[1] == context
+    scored = []
+    starts = x[:, 0]
+    for s, f in zip(starts.tolist(), first.tolist()):
+        scored.extend(range(s + f, s + context))
+    assert scored == list(range(1, n)) and scored_tokens(first, context) == n - 1
+
+
+def test_splits_are_cut_by_text_before_windowing(tiny_llama_dir, tiny_texts):
+    loaded = load_model(str(tiny_llama_dir))
+    texts = read_texts(str(tiny_texts))
+    splits = lm_splits(texts, LMEncoding(loaded.lm.tokenizer, context=32), seed=0, fractions=None, source="t")
+    assert splits.test.x.shape[1] == 32 and len(splits.test) >= 2 and (splits.test.y >= 1).all()
+    # the texts behind the calibration windows and the test windows are disjoint sets of lines
+    from shrinkml.data.arrays import ArrayData, make_splits
+
+    cut = make_splits(ArrayData(np.arange(len(texts))[:, None]), seed=0, source="t")
+    assert not set(cut.calibration.x[:, 0]) & set(cut.test.x[:, 0])
+    with pytest.raises(InputError, match="window settings"):
+        lm_splits(texts, LMEncoding(loaded.lm.tokenizer, context=4), seed=0, fractions=None, source="t")
+
+
+def test_perplexity_matches_transformers_loss_and_a_copy_agrees_exactly(tiny_llama_dir, tiny_texts):
+    loaded = load_model(str(tiny_llama_dir))
+    model = loaded.module
+    splits = lm_splits(read_texts(str(tiny_texts)), LMEncoding(loaded.lm.tokenizer, context=32), seed=0,
+                       fractions=None, source="t")
+    gen = TorchGenerator(model, threads=1)
+    twin = TorchGenerator(copy.deepcopy(model), threads=1)
+    figures = score_windows({"original": gen.logits, "copy": twin.logits}, splits.test, resamples=200)
+    one = splits.test.x[:1]
+    with torch.no_grad():
+        loss = model(input_ids=torch.as_tensor(one), labels=torch.as_tensor(one)).loss
+    first_only = score_windows({"m": gen.logits}, type(splits.test)(one, np.array([1])), resamples=50)["m"]
+    assert first_only["perplexity"]["value"] == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+    c = figures["copy"]
+    assert c["kl_divergence"]["value"] == pytest.approx(0.0, abs=1e-7) and c["top1_agreement"]["value"] == 1.0
+    assert c["perplexity_increase"]["value"] == pytest.approx(0.0, abs=1e-9)
+    base = figures["original"]
+    assert base["scored_tokens"] == scored_tokens(splits.test.y, 32)
+    lo, hi = base["perplexity"]["ci95"]
+    assert lo <= base["perplexity"]["value"] <= hi
+
+
+def test_a_perturbed_model_has_positive_kl_and_a_perplexity_increase(tiny_llama_dir, tiny_texts):
+    loaded = load_model(str(tiny_llama_dir))
+    splits = lm_splits(read_texts(str(tiny_texts)), LMEncoding(loaded.lm.tokenizer, context=32), seed=0,
+                       fractions=None, source="t")
+    noisy = copy.deepcopy(loaded.module)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.5 * p.std())
+    figures = score_windows({"original": TorchGenerator(loaded.module, 1).logits,
+                             "noisy": TorchGenerator(noisy, 1).logits}, splits.test, resamples=200)
+    n = figures["noisy"]
+    assert n["kl_divergence"]["value"] > 1e-3 and n["top1_agreement"]["value"] < 1.0
+    # KL computed independently, token by token, for the first window
+    x, f = splits.test.x[:1], int(splits.test.y[0])
+    with torch.no_grad():
+        p = torch.log_softmax(loaded.module(input_ids=torch.as_tensor(x)).logits[0, :-1].double(), -1)
+        q = torch.log_softmax(noisy(input_ids=torch.as_tensor(x)).logits[0, :-1].double(), -1)
+    kl = (p.exp() * (p - q)).sum(-1)[f - 1:]
+    assert n["per_window"]["kl"][0] == pytest.approx(float(kl.sum()), rel=1e-4)
+
+
+def test_generation_with_the_kv_cache_matches_full_recompute(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    gen = TorchGenerator(loaded.module, threads=1)
+    prompt = np.array([2, 5, 6, 7, 8, 9], np.int64)
+    g = gen.generate(prompt, 6)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            ids.append(int(loaded.module(input_ids=torch.as_tensor([ids])).logits[0, -1].argmax()))
+    assert list(g.tokens) == ids[len(prompt):]
+    figures = time_generation({"a": gen, "b": TorchGenerator(copy.deepcopy(loaded.module), 1)}, prompt,
+                              new_tokens=6, rounds=3, resamples=100)
+    for key in ("prompt_tokens_per_s", "generation_tokens_per_s", "time_to_first_token_ms"):
+        assert figures["a"][key]["value"] > 0 and len(figures["a"][key]["samples"]) == 3
+        assert f"{key}_ratio" in figures["b"]
+    assert figures["b"]["generated"] == figures["a"]["generated"]
+
+
+def test_the_perplexity_task_refuses_a_model_that_is_no_causal_lm():
+    from shrinkml.models.loaded import LoadedModel
+
+    with pytest.raises(InputError, match="not one"):
+        get_task("perplexity").check_model(LoadedModel("onnx", "m.onnx"), None)

@@ -62,6 +62,16 @@ def is_causal_lm_config(config: dict) -> bool:
     return config.get("model_type") in _DECODER_MODEL_TYPES
 
 
+def is_causal_lm_dir(path: Path) -> bool:
+    """A transformers directory (no ``modules.json``) whose config.json names a causal LM."""
+    from shrinkml.models.hf import _read_json
+
+    path = Path(path)
+    if (path / "modules.json").is_file() or not (path / "config.json").is_file():
+        return False
+    return is_causal_lm_config(_read_json(path / "config.json", "a transformers config.json (a JSON object)"))
+
+
 def _import_transformers():
     from shrinkml.models.hf import _import_transformers as imp
 

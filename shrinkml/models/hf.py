@@ -279,12 +279,7 @@ def load_hf_dir(root: Path):
         raise InputError("config.json's architectures are not class names", where=f"{config_path}, key 'architectures'",
                          expected="a list of strings", found=brief(architectures), fix="restore the file from the original model")
     _field(config, "model_type", (str,), config_path, "a model type string")
-    if not is_st:
-        from shrinkml.models.causal_lm import is_causal_lm_config, load_causal_lm_dir
-
-        if is_causal_lm_config(config):  # a decoder LM: its own loader, never an encoder
-            return load_causal_lm_dir(model_dir, config)
-    _refuse_generative(config, config_path)
+    _refuse_generative(config, config_path)  # causal LMs never get here: models.load routes them
     classifier = not is_st and any(a.endswith("ForSequenceClassification") for a in architectures)
     _check_weights(model_dir, is_st, classifier)
     transformers = _import_transformers()

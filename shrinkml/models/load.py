@@ -288,6 +288,10 @@ def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: 
                 expected="a sentence-transformers directory (modules.json) or a transformers directory (config.json)",
                 fix="pass the directory that save_pretrained / SentenceTransformer.save wrote",
             )
+        from shrinkml.models.causal_lm import is_causal_lm_dir, load_causal_lm
+
+        if is_causal_lm_dir(path):  # a decoder LM: its own loader, never an encoder
+            return load_causal_lm(path)
         return load_hf_dir(path)
     if path.suffix.lower() == ".gguf":
         if weights is not None or random_weights:

@@ -78,12 +78,26 @@ def _check_causal_lm(loaded, task) -> None:
             found=f"a {loaded.lm.architecture} causal LM", fix="pass --task perplexity",
         )
     task.check_model(loaded, None)
-    raise InputError(
-        "compress and bench do not run causal language models yet: their measurement (perplexity"
-        " windows, KL, tokens/s with the KV cache) is in shrinkml.measure.lm, and the commands are"
-        " not wired to it in this version",
-        where=loaded.source, fix="call shrinkml.measure.lm.score_windows and time_generation from Python",
-    )
+
+
+def _prepare_lm(task, loaded, data, settings: RunSettings) -> Prepared:
+    """Split the text by text, then window it with the model's tokenizer (``shrinkml.data.lm``)."""
+    import torch
+
+    from shrinkml.data.lm import DEFAULT_CONTEXT, LMEncoding, lm_splits, read_texts
+
+    if not isinstance(data, (str, Path)):
+        raise InputError("a causal language model is measured on text", where="--data",
+                         expected="a .txt file (a text per line), a .jsonl file with 'text' fields, or builtin:prose",
+                         found=type(data).__name__, fix="pass held-out text")
+    context = min(settings.max_length or DEFAULT_CONTEXT, loaded.lm.context_length)
+    splits = lm_splits(read_texts(str(data)), LMEncoding(loaded.lm.tokenizer, context=context), seed=settings.seed,
+                       fractions=settings.splits, source=str(data))
+    example = splits.calibration.x[:1] if len(splits.calibration) else splits.validation.x[:1]
+    with torch.inference_mode():
+        logits = loaded.module(input_ids=torch.as_tensor(example)).logits.float().numpy()
+    task.check_outputs(splits, logits, loaded.source)
+    return Prepared(task, loaded, splits, example, settings)
 
 
 def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
@@ -95,6 +109,7 @@ def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
     loaded = load_model(model, weights, random_weights=settings.random_weights)
     if loaded.lm is not None or task.causal_lm:
         _check_causal_lm(loaded, task)
+        return _prepare_lm(task, loaded, data, settings)
     encoding = None
     if loaded.text is not None:
         from shrinkml.data.text import DEFAULT_MAX_LENGTH, TextEncoding
@@ -239,6 +254,7 @@ class Pipeline:
         from shrinkml.measure.assess import metric_drop
         from shrinkml.report.build import build_report
 
+        self._refuse_lm("compress")
         p, s, budget = self.prepared, self.settings, budget or Budget()
         recipe = as_recipe(recipe)
         _check_recipe(recipe, p.loaded.kind, s)
@@ -277,6 +293,8 @@ class Pipeline:
         from shrinkml.report.build import build_bench_report
 
         p, s = self.prepared, self.settings
+        if p.task.causal_lm:
+            return self._bench_lm()
         with run_folder(None, {}) as scratch:
             art = self._artifact(_initial_state(p.loaded), "model", scratch.workdir)
             (assessment,) = _measure([art], p.splits, p.task, s, scratch.workdir, self.progress)
@@ -285,9 +303,33 @@ class Pipeline:
             export_max_abs_diff=art.export_max_abs_diff, environment=environment(threads=s.threads, seed=s.seed),
         )
 
+    def _bench_lm(self) -> dict[str, Any]:
+        from shrinkml.environment import environment
+        from shrinkml.measure.lm import assess_lm
+        from shrinkml.report.build import build_lm_bench_report
+
+        p, s = self.prepared, self.settings
+        if s.runtime != "torch":
+            raise InputError(
+                f"causal language models are measured on PyTorch in this version, not {s.runtime}",
+                where=f"--runtime {s.runtime}", fix="pass --runtime torch")
+        measurement = assess_lm(p.loaded, p.splits, threads=s.threads, repeats=s.repeats, seed=s.seed,
+                                resamples=s.bootstrap_resamples, progress=self.progress)
+        return build_lm_bench_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits,
+                                     measurement=measurement, environment=environment(threads=s.threads, seed=s.seed))
+
+    def _refuse_lm(self, verb: str) -> None:
+        if self.prepared.task.causal_lm:
+            raise InputError(
+                f"{verb} does not take causal language models yet: this version measures them (shrinkml bench"
+                " --task perplexity --runtime torch) but has no recipe steps for them",
+                where=self.prepared.loaded.source, fix="use shrinkml bench for the figures of a causal LM",
+            )
+
     def explain(self, recipe: Recipe | str | Path | list | dict, *, folder=None) -> dict[str, Any]:
         """Quantize one weight layer at a time with the recipe's last step (a quantizer) after the
         steps before it, and score each against the float model on the test split."""
+        self._refuse_lm("explain")
         from dataclasses import asdict
 
         from shrinkml.environment import environment

@@ -186,3 +186,48 @@ def time_generation(generators: dict[str, Any], prompt: np.ndarray, *, new_token
                 entry[f"{key}_ratio"] = {"value": med, "ci95": [lo, hi]}
         out[name] = entry
     return out
+
+
+# ---------------------------------------------------------------------------------- one model
+def deployable_bytes(loaded) -> int:
+    """Bytes of the input model as a user deploys it: the ``.gguf`` file, or every file of the
+    causal-LM directory (weights, config, tokenizer)."""
+    from pathlib import Path
+
+    path = Path(loaded.source)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def assess_lm(loaded, splits, *, threads: int, repeats: int, seed: int, resamples: int, new_tokens: int = 128,
+              progress: Progress = SILENT) -> dict[str, Any]:
+    """The ``bench`` measurement of one causal LM on PyTorch eager: size, parameters, perplexity on
+    the test windows (CI over windows), greedy generation speed from a test-window prompt with the
+    KV cache, and this process's peak resident memory while generating."""
+    import torch
+
+    from shrinkml.data.lm import scored_tokens
+    from shrinkml.measure.memory import _PeakSampler
+
+    torch.set_num_threads(threads)
+    gen = TorchGenerator(loaded.module, threads=threads)
+    progress.log(f"perplexity on {len(splits.test)} test windows of {splits.test.x.shape[1]} tokens")
+    quality = score_windows({"model": gen.logits}, splits.test, resamples=resamples, seed=seed, progress=progress)["model"]
+    prompt = splits.test.x[0]
+    new_tokens = max(2, min(new_tokens, loaded.lm.context_length - len(prompt)))  # stay inside the context
+    progress.log(f"greedy generation: {len(prompt)}-token prompt, {new_tokens} new tokens, {repeats} rounds")
+    with _PeakSampler() as sampler:
+        speed = time_generation({"model": gen}, prompt, new_tokens=new_tokens, rounds=repeats, resamples=resamples,
+                                seed=seed, progress=progress)["model"]
+    context = int(splits.test.x.shape[1])
+    return {
+        "runtime": "torch",
+        "size_bytes": deployable_bytes(loaded),
+        "params": int(sum(p.numel() for p in loaded.module.parameters())),  # tied tensors once
+        "metrics": {"perplexity": quality["perplexity"]},
+        "windows": {"count": quality["windows"], "context": context,
+                    "scored_tokens": scored_tokens(splits.test.y, context)},
+        "generation": {k: v for k, v in speed.items() if k != "generated"},
+        "process_peak_rss_bytes": int(sampler.peak),
+    }

@@ -111,6 +111,7 @@ def load_causal_lm_dir(root: Path, config: dict) -> LoadedModel:
     root = Path(root)
     _check_weights(root, False, False)
     transformers = _import_transformers()
+    transformers.utils.logging.disable_progress_bar()  # shrinkml reports its own progress
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(root), local_files_only=True, use_safetensors=True, dtype="float32")

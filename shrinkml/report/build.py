@@ -179,3 +179,25 @@ def build_bench_report(*, loaded, task, settings, splits, example, assessment, e
         "notes": _loading_notes(loaded),
         "environment": environment,
     }
+
+
+def build_lm_bench_report(*, loaded, task, settings, splits, measurement: dict, environment: dict) -> dict[str, Any]:
+    """The ``shrinkml.bench/2`` dict of one causal language model (``measurement`` from
+    ``shrinkml.measure.lm.assess_lm``): perplexity and generation speed instead of latency."""
+    lm = loaded.lm
+    windows = measurement["windows"]
+    return {
+        "schema": BENCH_SCHEMA,
+        "model": {**_model_section(loaded), "architecture": lm.architecture, "gguf_file_type": lm.file_type,
+                  "tied_embeddings": lm.tied_embeddings},
+        "task": {"name": task.name},
+        "runtime": {"name": measurement["runtime"], "threads": settings.threads},
+        "data": {"source": splits.source, "seed": settings.seed, "splits": splits.sizes(),
+                 "windows": "texts split by text first, then cut into windows of the context; each split's"
+                 " windows read only its own texts", "context_tokens": windows["context"],
+                 "scored_tokens": windows["scored_tokens"]},
+        "measurement": {"artifact": {"file": None, "description": f"the input model {loaded.source} as given"
+                                     " (size_bytes: its files on disk); bench writes no files"}, **measurement},
+        "notes": _loading_notes(loaded),
+        "environment": environment,
+    }

@@ -428,12 +428,39 @@ def _latency_with_ci(measurement: Any, key: str) -> str:
     return text
 
 
+def _value_ci(entry: Any, fmt: str = "{:.4g}") -> str:
+    value = finite_number(get(entry, "value"))
+    if value is None:
+        return "n/a"
+    lo, hi = (finite_number(get(entry, "ci95", i)) for i in (0, 1))
+    ci = f" ({fmt.format(lo)}–{fmt.format(hi)})" if lo is not None and hi is not None else ""
+    return fmt.format(value) + ci
+
+
+def _lm_bench_rows(report: dict, m: dict) -> list[tuple[str, str]]:
+    """``bench`` figures of a causal LM: size, parameters, perplexity, generation speed."""
+    g, w = m.get("generation") or {}, m.get("windows") or {}
+    return [
+        ("Size on disk", fmt_bytes(m.get("size_bytes"))),
+        ("Parameters (tied tensors once)", fmt_int(m.get("params"))),
+        (f"Perplexity ({fmt_int(w.get('scored_tokens'))} test tokens, {w.get('context')}-token windows)",
+         _value_ci(get(m, "metrics", "perplexity"))),
+        (f"Prompt processing, tokens/s ({g.get('prompt_tokens')}-token prompt)", _value_ci(g.get("prompt_tokens_per_s"), "{:.1f}")),
+        (f"Generation, tokens/s ({g.get('new_tokens')} new tokens, greedy, batch 1, KV cache)",
+         _value_ci(g.get("generation_tokens_per_s"), "{:.1f}")),
+        ("Time to first token, ms", _value_ci(g.get("time_to_first_token_ms"), "{:.1f}")),
+        ("Peak resident memory of the process", fmt_bytes(m.get("process_peak_rss_bytes"))),
+    ]
+
+
 def bench_rows(report: dict) -> list[tuple[str, str]]:
     """The ``bench`` figures as (label, value) text, in the units and CI style of the compress
     table: decimal bytes, significant figures, "value (95% CI low–high)", money to 3 significant
     figures."""
     m = get(report, "measurement") or {}
     task = get(report, "task", "name")
+    if isinstance(m.get("generation"), dict):
+        return _lm_bench_rows(report, m)
     params, nonzero = m.get("params"), m.get("nonzero_params")
     rows = [("Size on disk", fmt_bytes(m.get("size_bytes"))),
             ("Parameters", fmt_int(params) + ("" if nonzero in (None, params) else f" ({fmt_int(nonzero)} nonzero)")),

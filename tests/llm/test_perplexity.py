@@ -108,3 +108,26 @@ def test_the_perplexity_task_refuses_a_model_that_is_no_causal_lm():
 
     with pytest.raises(InputError, match="not one"):
         get_task("perplexity").check_model(LoadedModel("onnx", "m.onnx"), None)
+
+
+def test_bench_measures_a_causal_lm_and_compress_says_it_cannot_yet(tiny_llama_dir, tiny_texts, capsys):
+    import json
+
+    from shrinkml.cli import main
+
+    args = ["--model", str(tiny_llama_dir), "--data", str(tiny_texts), "--task", "perplexity", "--threads", "1",
+            "--max-length", "32"]
+    assert main(["bench", *args, "--runtime", "torch", "--repeats", "10", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    m = report["measurement"]
+    assert report["task"]["name"] == "perplexity" and m["runtime"] == "torch"
+    assert m["size_bytes"] == sum(p.stat().st_size for p in tiny_llama_dir.rglob("*") if p.is_file())
+    assert m["windows"]["context"] == 32 and m["windows"]["scored_tokens"] > 0
+    lo, hi = m["metrics"]["perplexity"]["ci95"]
+    assert lo <= m["metrics"]["perplexity"]["value"] <= hi
+    assert m["generation"]["generation_tokens_per_s"]["value"] > 0 and m["generation"]["rounds"] == 10
+    assert m["generation"]["prompt_tokens"] + m["generation"]["new_tokens"] <= 128  # inside the context
+    assert main(["bench", *args]) == 2  # onnxruntime: not for causal LMs in this version
+    assert "runtime torch" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tiny_llama_dir), "--data", str(tiny_texts), "--task", "embedding"]) == 2
+    assert "--task perplexity" in capsys.readouterr().err

@@ -4,7 +4,8 @@ hand-written recipe in ``recipes/`` that takes the model, in one process.
 The case study asks "fit 10 MB and 50 ms with under 2% accuracy loss" of a phone model; scaled to
 the 606 KB demo CNN: the file at most a tenth of the FP32 ONNX (60 KB), batch-1 p50 latency at most
 60% of the FP32 model's on ONNX Runtime (measured here first, on the validation split), and an
-accuracy drop of at most 2 points at the 95% CI's worst end. The search stops starting trials after
+accuracy drop of at most 2 points at the 95% CI's worst end; the latency target, like the budget, is met when the p50 CI's
+worst end is within it. The search stops starting trials after
 ``--time-budget``; its best feasible recipe is re-measured on the test split by a full compress run,
 and each hand-written recipe is run the same way (baseline and recipe interleaved, same threads,
 same test split). "Non-dominated" compares test-split figures: no hand-written recipe is at least as
@@ -30,9 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import update_docs  # noqa: E402
-
-MODEL = "shrinkml.examples.demo:digits_cnn"
+from common import DEMO_CNN as MODEL  # noqa: E402
+from common import demo_cnn_search_setup, update_docs  # noqa: E402
 
 
 def _row(label: str, report: dict) -> dict:
@@ -40,6 +40,7 @@ def _row(label: str, report: dict) -> dict:
     acc = comp["metrics"]["accuracy"]
     return {
         "label": label, "size_bytes": comp["size_bytes"], "p50_ms_batch1": comp["latency_ms"]["batch_1"]["p50"],
+        "p50_ms_batch1_ci95": comp["latency_ms"]["batch_1"]["p50_ci95"],
         "speedup_batch1": delta["speedup_batch_1"]["value"], "speedup_batch1_ci95": delta["speedup_batch_1"]["ci95"],
         "accuracy": acc["value"], "accuracy_ci95": acc["ci95"], "drop": delta["accuracy_drop"]["value"],
         "drop_ci95": delta["accuracy_drop"]["ci95"], "baseline_size_bytes": report["baseline"]["size_bytes"],
@@ -67,30 +68,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "search_demo.json")
     args = ap.parse_args()
 
-    from shrinkml.budget import Budget
     from shrinkml.environment import environment
-    from shrinkml.examples.demo import build_demo_model, demo_data
-    from shrinkml.pipeline import Pipeline
     from shrinkml.progress import Progress
     from shrinkml.recipe import Recipe
     from shrinkml.recipe_search.run import search
-    from shrinkml.recipe_search.trial import Targets, TrialEvaluator
     from shrinkml.recipe_search.units import parse_duration_s
     from shrinkml.settings import RunSettings
 
     progress = Progress(enabled=True)
     settings = RunSettings(threads=args.threads, seed=args.seed)
-    budget = Budget(max_drop=0.02)
     with tempfile.TemporaryDirectory(prefix="search-demo-") as tmp:
         tmp = Path(tmp)
-        weights = tmp / "cnn.safetensors"
-        build_demo_model(demo_data(args.seed), seed=args.seed, progress=progress, weights_out=weights)
-        pipe = Pipeline.prepare(MODEL, data="builtin:digits", weights=weights, settings=settings, progress=progress)
-        base = TrialEvaluator(pipe, Targets(budget=budget), ("size", "latency", "metric"), workdir=tmp / "probe").baseline
-        max_size = base["size_bytes"] // 10
-        max_latency = 0.6 * base["latency_ms"]
-        progress.log(f"targets: size <= {max_size:,} bytes, batch-1 p50 <= {max_latency:.4f} ms (0.6 x"
-                     f" {base['latency_ms']:.4f}), drop <= 0.02")
+        weights, pipe, base, targets = demo_cnn_search_setup(tmp, seed=args.seed, settings=settings, progress=progress)
+        max_size, max_latency, budget = targets["max_size_bytes"], targets["max_latency_ms"], targets["budget"]
         started = time.time()
         result = search(MODEL, data="builtin:digits", weights=str(weights), out=tmp / "search",
                         max_size_bytes=max_size, max_latency_ms=max_latency, batch=1, budget=budget,
@@ -112,7 +102,8 @@ def main() -> int:
                 continue
             rows.append(_row(f"recipes/{path.name}", hand))
     for r in rows:
-        r["meets_targets"] = (r["size_bytes"] <= max_size and r["p50_ms_batch1"] <= max_latency
+        # the search's own rule: latency met when the p50 CI's worst end is within the target
+        r["meets_targets"] = (r["size_bytes"] <= max_size and r["p50_ms_batch1_ci95"][1] <= max_latency
                               and r["drop_ci95"][1] <= 0.02)
     best = rows[0] if report["best"] is not None else None
     dominated_by = [r["label"] for r in rows[1:] if best is not None and _dominates(r, best)]
@@ -146,13 +137,14 @@ def main() -> int:
 
 def _docs(out: dict) -> None:
     t, s = out["targets"], out["search"]
-    rows = ["| variant | recipe | bytes | batch-1 p50 ms | speedup b1 (95% CI) | accuracy % (95% CI) | drop CI high (points) | meets targets |",
+    rows = ["| variant | recipe | bytes | batch-1 p50 ms (95% CI) | speedup b1 (95% CI) | accuracy % (95% CI) | drop CI high (points) | meets targets |",
             "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in out["rows"]:
         recipe = " → ".join(step["technique"] + "".join(f" {k}={v}" for k, v in step.items()
                                                         if k != "technique" and k in ("channel_ratio", "epochs", "lr", "calibration", "per_channel", "dtype"))
                             for step in r["recipe"])
-        rows.append(f"| {r['label']} | {recipe} | {r['size_bytes']:,} | {r['p50_ms_batch1']:.4f} | {r['speedup_batch1']:.2f}x"
+        rows.append(f"| {r['label']} | {recipe} | {r['size_bytes']:,} | {r['p50_ms_batch1']:.4f}"
+                    f" ({r['p50_ms_batch1_ci95'][0]:.4f}–{r['p50_ms_batch1_ci95'][1]:.4f}) | {r['speedup_batch1']:.2f}x"
                     f" ({r['speedup_batch1_ci95'][0]:.2f}–{r['speedup_batch1_ci95'][1]:.2f}) | {100 * r['accuracy']:.2f}"
                     f" ({100 * r['accuracy_ci95'][0]:.2f}–{100 * r['accuracy_ci95'][1]:.2f}) | {100 * r['drop_ci95'][1]:.2f} |"
                     f" {'yes' if r['meets_targets'] else 'no'} |")
@@ -163,7 +155,8 @@ Command: `{out['command']}` on a 2-core {out['environment']['cpu']} ({', '.join(
 Targets (the case study's "10 MB, 50 ms, under 2% loss" scaled to the 606 KB demo CNN): size ≤
 {t['max_size_bytes']:,} bytes (a tenth of the FP32 ONNX), batch-1 p50 ≤ {t['max_latency_ms_batch1']:.4f} ms
 (0.6 × the FP32 model's {t['baseline_validation']['latency_ms']:.4f} ms on ONNX Runtime), accuracy drop ≤ 2
-points at the 95% CI's worst end. Trials scored on the 180-example validation split; every row below
+points at the 95% CI's worst end; the latency target, like the budget, is met when the p50 CI's
+worst end is within it. Trials scored on the 180-example validation split; every row below
 re-measured on the 539-example test split by a full compress run (baseline and recipe interleaved).
 
 Search: {tr['finished']} trials in {s['duration_s'] / 60:.1f} min ({s['trials_per_hour']} per hour):

@@ -139,6 +139,11 @@ def _print_result(report: dict, json_out: bool) -> None:
     from shrinkml.report.table import summary_table, verdict_text
 
     console = Console()
+    if report.get("schema") == "shrinkml.lm_report/1":
+        from shrinkml.report.table import lm_summary_table
+
+        console.print(lm_summary_table(report))
+        return
     if report["model"].get("random_weights"):
         console.print("[bold yellow]RANDOM WEIGHTS:[/bold yellow] the model ran untrained (--random-weights);"
                       " the figures describe the architecture, not a trained model.")
@@ -156,9 +161,9 @@ def _finish(result, out: Path, json_out: bool) -> None:
 
 
 COMMON = {
-    "model": typer.Option(..., help="package.module:factory (imported from the current folder; with --weights), a .onnx file, or a transformers / sentence-transformers directory."),
+    "model": typer.Option(..., help="package.module:factory (imported from the current folder; with --weights), a .onnx file, a transformers / sentence-transformers directory, or a causal LM (transformers directory or .gguf file)."),
     "data": typer.Option(..., help=".npz with x and y (or x_calibration/x_finetune/x_test), package.module:function, builtin:digits; for text models .txt, .jsonl, builtin:texts (generated) or builtin:prose (real sentences from installed packages' descriptions)."),
-    "task": typer.Option(TaskName("classification"), help="classification (accuracy against labels), fidelity (label-free closeness to the original) or embedding (text embedding models: cosine, worst-5%, top-10 neighbours)."),
+    "task": typer.Option(TaskName("classification"), help="classification (accuracy against labels), fidelity (label-free closeness to the original), embedding (text embedding models: cosine, worst-5%, top-10 neighbours) or perplexity (causal LMs: perplexity, KL, top-1 agreement)."),
     "weights": typer.Option(None, help="Trained weights (.safetensors) for a factory model; pickles are refused."),
     "runtime": typer.Option(
         RuntimeName("onnxruntime"),
@@ -181,8 +186,10 @@ COMMON = {
         " benchmarking only: the report says so first).",
     ),
     "max_length": typer.Option(
-        None, "--max-length", help="Text models: tokens per text, padded/truncated (default min(model max, 128))."
+        None, "--max-length", help="Text models: tokens per text, padded/truncated (default min(model max, 128));"
+        " causal LMs (--task perplexity): the window context (default 512)."
     ),
+    "new_tokens": typer.Option(None, "--new-tokens", help="Causal LMs: tokens per timed greedy generation (default 128)."),
 }
 
 
@@ -207,6 +214,7 @@ def compress(
     storage_price_per_gb_month: Optional[float] = typer.Option(None, "--storage-price-per-gb-month", help="Storage price, USD per GB-month."),
     export_tolerance: Optional[float] = typer.Option(None, "--export-tolerance", help="Max abs diff ONNX vs PyTorch."),
     max_length: Optional[int] = COMMON["max_length"],
+    new_tokens: Optional[int] = COMMON["new_tokens"],
     random_weights: bool = COMMON["random_weights"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
@@ -218,7 +226,7 @@ def compress(
         runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, max_timing_s=max_timing_s, seed=seed,
         price_per_hour=price_per_hour, requests_per_month=requests_per_month,
         storage_price_per_gb_month=storage_price_per_gb_month, export_tolerance=export_tolerance,
-        max_length=max_length, random_weights=random_weights,
+        max_length=max_length, random_weights=random_weights, new_tokens=new_tokens,
     )
     result = run_compress(
         model, recipe, data=data, task=task.value, weights=weights, out=out,
@@ -241,6 +249,7 @@ def bench(
     max_timing_s: Optional[float] = COMMON["max_timing_s"],
     seed: Optional[int] = COMMON["seed"],
     max_length: Optional[int] = COMMON["max_length"],
+    new_tokens: Optional[int] = COMMON["new_tokens"],
     random_weights: bool = COMMON["random_weights"],
     json_out: bool = COMMON["json_out"],
 ) -> None:
@@ -249,7 +258,7 @@ def bench(
 
     settings = _settings(
         runtime=runtime.value, threads=threads, batch_n=batch_n, repeats=repeats, max_timing_s=max_timing_s,
-        seed=seed, max_length=max_length, random_weights=random_weights,
+        seed=seed, max_length=max_length, random_weights=random_weights, new_tokens=new_tokens,
     )
     result = run_bench(model, data=data, task=task.value, weights=weights, settings=settings, progress=_progress())
     if json_out:

@@ -254,9 +254,10 @@ class Pipeline:
         from shrinkml.measure.assess import metric_drop
         from shrinkml.report.build import build_report
 
-        self._refuse_lm("compress")
         p, s, budget = self.prepared, self.settings, budget or Budget()
         recipe = as_recipe(recipe)
+        if p.task.causal_lm:
+            return self._run_lm(recipe, folder, budget)
         _check_recipe(recipe, p.loaded.kind, s)
         with (run_folder(None, {}) if folder is None else _given(folder)) as where:
             workdir = where.workdir
@@ -314,17 +315,59 @@ class Pipeline:
                 f"causal language models are measured on PyTorch in this version, not {s.runtime}",
                 where=f"--runtime {s.runtime}", fix="pass --runtime torch")
         measurement = assess_lm(p.loaded, p.splits, threads=s.threads, repeats=s.repeats, seed=s.seed,
-                                resamples=s.bootstrap_resamples, progress=self.progress)
+                                resamples=s.bootstrap_resamples, new_tokens=s.new_tokens, progress=self.progress)
         return build_lm_bench_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits,
                                      measurement=measurement, environment=environment(threads=s.threads, seed=s.seed))
 
     def _refuse_lm(self, verb: str) -> None:
         if self.prepared.task.causal_lm:
             raise InputError(
-                f"{verb} does not take causal language models yet: this version measures them (shrinkml bench"
-                " --task perplexity --runtime torch) but has no recipe steps for them",
-                where=self.prepared.loaded.source, fix="use shrinkml bench for the figures of a causal LM",
+                f"{verb} does not take causal language models yet", where=self.prepared.loaded.source,
+                fix="use shrinkml compress (quantize.gguf) and shrinkml bench for a causal LM",
             )
+
+    def _run_lm(self, recipe: Recipe, folder, budget: Budget):
+        """A causal-LM recipe: apply it, write the GGUF, load that file back on its own and measure it
+        against the original on the same windows and rounds (``shrinkml.measure.lm``)."""
+        from shrinkml.environment import environment
+        from shrinkml.measure.lm import assess_lm_pair, deployable_bytes
+        from shrinkml.models.causal_lm import load_gguf
+        from shrinkml.packaging.gguf_out import write_lm_gguf
+        from shrinkml.report.build import build_lm_report
+        from shrinkml.techniques.base import registry
+
+        p, s = self.prepared, self.settings
+        if s.runtime != "torch":
+            raise InputError(f"causal language models are measured on PyTorch in this version, not {s.runtime}",
+                             where=f"--runtime {s.runtime}", fix="pass --runtime torch")
+        techniques = registry()
+        for i, step in enumerate(recipe.steps):
+            applies = techniques[step.technique].applies
+            why = applies(p.loaded) if applies is not None else "it is no step for causal language models"
+            if why:
+                raise InputError(f"{step.technique} cannot take this model: {why}", where=f"steps[{i}]",
+                                 fix="use quantize.gguf for a causal LM loaded from a .gguf file")
+        with (run_folder(None, {}) if folder is None else _given(folder)) as where:
+            workdir = where.workdir
+            ctx = _step_context(p.loaded, p.splits, p.task, p.example, s, self.progress, workdir, budget)
+            state, step_reports = self._apply(recipe.steps, ctx)
+            gguf_path = write_lm_gguf(state, p.loaded, workdir / "model.gguf")
+            self.progress.log(f"wrote {gguf_path.stat().st_size:,} bytes of GGUF; loading it back on its own")
+            written = load_gguf(gguf_path)  # what a user deploys, read as a user reads it
+            figures = assess_lm_pair(p.loaded.module, written.module, p.splits, context_length=p.loaded.lm.context_length,
+                                     threads=s.threads, repeats=s.repeats, seed=s.seed, resamples=s.bootstrap_resamples,
+                                     new_tokens=s.new_tokens, progress=self.progress)
+            sizes = {"baseline": deployable_bytes(p.loaded), "compressed": gguf_path.stat().st_size}
+            report = build_lm_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits, figures=figures,
+                                     sizes=sizes, budget=budget, recipe=recipe, steps=step_reports,
+                                     environment=environment(threads=s.threads, seed=s.seed))
+            files: dict[str, Path] = {}
+            if folder is not None:
+                import json
+
+                files = where.commit({"model.gguf": gguf_path, "recipe.yaml": recipe.to_yaml(),
+                                      "report.json": json.dumps(report, indent=2, allow_nan=False) + "\n"})
+        return report, state, files
 
     def explain(self, recipe: Recipe | str | Path | list | dict, *, folder=None) -> dict[str, Any]:
         """Quantize one weight layer at a time with the recipe's last step (a quantizer) after the

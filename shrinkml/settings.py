@@ -37,6 +37,7 @@ class RunSettings(BaseModel):
         None, ge=2, description="token length texts are padded/truncated to (default min(model's max, 128))"
     )
     measure_memory: bool = True
+    new_tokens: int = Field(128, ge=2, le=4096, description="causal LMs: tokens generated per timed greedy generation")
     random_weights: bool = Field(
         False, description="run a factory model given without weights as built (architecture benchmarking)"
     )

@@ -39,6 +39,9 @@ class ModelState:
     sparse_params: frozenset[str] = frozenset()
     # set by the step that exported PyTorch -> ONNX: max abs difference ONNX Runtime vs PyTorch
     export_max_abs_diff: float | None = None
+    # a causal LM's weights as block codes (quantize.gguf): Hugging Face tensor name -> BlockCodes,
+    # which the GGUF writer stores as they are (the torch model holds their dequantized values)
+    weight_codes: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,9 @@ def score_windows(models: dict[str, Logits], data: ArrayData, *, batch_size: int
             entry["top1_agreement"] = {"value": float(p["top1"].sum() / tokens), "ci95": _ci(top_boot)}
             entry["perplexity_increase"] = {"value": increase, "ci95": _ci(np.exp(boot - base_boot) - 1.0),
                                             "type": "relative"}
+            entry["perplexity_increase_absolute"] = {
+                "value": float(np.exp(mean_nll) - np.exp(base["nll"].sum() / tokens)),
+                "ci95": _ci(np.exp(boot) - np.exp(base_boot)), "type": "absolute"}
         out[name] = entry
     return out
 
@@ -231,3 +234,23 @@ def assess_lm(loaded, splits, *, threads: int, repeats: int, seed: int, resample
         "generation": {k: v for k, v in speed.items() if k != "generated"},
         "process_peak_rss_bytes": int(sampler.peak),
     }
+
+
+def assess_lm_pair(baseline, compressed, splits, *, context_length: int, threads: int, repeats: int, seed: int,
+                   resamples: int, new_tokens: int = 128, progress: Progress = SILENT) -> dict[str, Any]:
+    """Baseline and compressed causal LMs (PyTorch modules) measured together: perplexity of both on
+    the test windows, KL and top-1 agreement of the compressed against the baseline, and
+    interleaved generation timing (ratios per round). Returns ``{"baseline", "compressed"}`` figures."""
+    import torch
+
+    torch.set_num_threads(threads)
+    gens = {"baseline": TorchGenerator(baseline, threads), "compressed": TorchGenerator(compressed, threads)}
+    progress.log(f"perplexity, KL and top-1 agreement on {len(splits.test)} test windows")
+    quality = score_windows({k: g.logits for k, g in gens.items()}, splits.test, resamples=resamples, seed=seed,
+                            progress=progress)
+    prompt = splits.test.x[0]
+    new_tokens = max(2, min(new_tokens, context_length - len(prompt)))
+    progress.log(f"greedy generation, interleaved: {len(prompt)}-token prompt, {new_tokens} new tokens, {repeats} rounds")
+    speed = time_generation(gens, prompt, new_tokens=new_tokens, rounds=repeats, resamples=resamples, seed=seed,
+                            progress=progress)
+    return {name: {"quality": quality[name], "generation": speed[name]} for name in gens}

@@ -201,3 +201,55 @@ def build_lm_bench_report(*, loaded, task, settings, splits, measurement: dict, 
         "notes": _loading_notes(loaded),
         "environment": environment,
     }
+
+
+LM_REPORT_SCHEMA = "shrinkml.lm_report/1"
+
+
+def build_lm_report(*, loaded, task, settings, splits, figures: dict, sizes: dict, budget, recipe, steps: list[dict],
+                    environment: dict) -> dict[str, Any]:
+    """The ``shrinkml.lm_report/1`` dict of one causal-LM compress run: sizes, perplexity of both with
+    CIs, KL and top-1 agreement of the compressed against the original, the perplexity increase with
+    its paired CI (the budget reads its worst end), and interleaved generation speed."""
+    base, comp = figures["baseline"], figures["compressed"]
+    cq, bq = comp["quality"], base["quality"]
+    increase = cq["perplexity_increase" if budget.drop_type == "relative" else "perplexity_increase_absolute"]
+    worst = increase["ci95"][1]
+
+    def side(f: dict, size: int, artifact: dict) -> dict[str, Any]:
+        q = f["quality"]
+        return {"artifact": artifact, "size_bytes": size,
+                "metrics": {k: q[k] for k in ("perplexity", "kl_divergence", "top1_agreement") if k in q},
+                "generation": {k: v for k, v in f["generation"].items() if k != "generated"}}
+
+    gen = comp["generation"]
+    return {
+        "schema": LM_REPORT_SCHEMA,
+        "model": {**_model_section(loaded), "architecture": loaded.lm.architecture,
+                  "gguf_file_type": loaded.lm.file_type, "tied_embeddings": loaded.lm.tied_embeddings},
+        "task": {"name": task.name, "primary_metric": "perplexity"},
+        "runtime": {"name": settings.runtime, "threads": settings.threads,
+                    "measured": "PyTorch eager on CPU, both models: the compressed model as loaded back from"
+                    " the written model.gguf (its blocks dequantized), so quality is the file's; speed is"
+                    " PyTorch's with float weights, not llama.cpp's"},
+        "data": {"source": splits.source, "seed": settings.seed, "splits": splits.sizes(),
+                 "context_tokens": int(splits.test.x.shape[1]), "scored_tokens": bq["scored_tokens"],
+                 "windows": "texts split by text first, then cut into windows; the test windows read only test texts"},
+        "baseline": side(base, sizes["baseline"], {"file": None, "description": f"the input model {loaded.source}"}),
+        "compressed": side(comp, sizes["compressed"], {"file": "model.gguf", "description":
+                           "the compressed model, a GGUF file that loads on its own (llama.cpp, transformers)"}),
+        "delta": {
+            "size_ratio": ratio(sizes["baseline"], sizes["compressed"]),
+            "perplexity_increase": cq["perplexity_increase"],
+            "perplexity_increase_absolute": cq["perplexity_increase_absolute"],
+            **{f"{k}_ratio": gen[f"{k}_ratio"] for k in ("prompt_tokens_per_s", "generation_tokens_per_s",
+                                                          "time_to_first_token_ms")},
+            "same_greedy_tokens": base["generation"]["generated"] == gen["generated"],
+        },
+        "budget": {"max_drop": budget.max_drop, "drop_type": budget.drop_type, "metric": "perplexity increase",
+                   "worst_case_drop": worst, "met": bool(worst <= budget.max_drop)},
+        "recipe": recipe.to_dict(),
+        "steps": steps,
+        "notes": _loading_notes(loaded),
+        "environment": environment,
+    }

@@ -504,3 +504,36 @@ def bench_table(report: dict) -> Table:
     for label, value in bench_rows(report):
         table.add_row(Text(label), Text(value))
     return table
+
+
+def lm_summary_table(report: dict) -> Table:
+    """The console table of ``shrinkml compress`` on a causal LM (``shrinkml.lm_report/1``)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    b, c, d = get(report, "baseline") or {}, get(report, "compressed") or {}, get(report, "delta") or {}
+    table = Table(title=Text(f"{get(report, 'model', 'source')} on {get(report, 'runtime', 'name')}"
+                             f" ({get(report, 'runtime', 'threads')} threads)"), title_justify="left")
+    for name, justify in (("Measure", "left"), ("Original", "right"), ("Compressed", "right"), ("Change", "right")):
+        table.add_column(name, justify=justify)
+
+    def row(label: str, bv: str, cv: str, change: str = "") -> None:
+        table.add_row(Text(label), Text(bv), Text(cv), Text(change))
+
+    row("Size on disk", fmt_bytes(b.get("size_bytes")), fmt_bytes(c.get("size_bytes")),
+        f"{fmt_sig(d.get('size_ratio'))}x smaller" if d.get("size_ratio") else "")
+    inc = d.get("perplexity_increase") or {}
+    row(f"Perplexity ({fmt_int(get(report, 'data', 'scored_tokens'))} test tokens)",
+        _value_ci(get(b, "metrics", "perplexity")), _value_ci(get(c, "metrics", "perplexity")),
+        _value_ci({"value": 100 * inc["value"], "ci95": [100 * v for v in inc["ci95"]]}, "{:+.2f}") + " %" if inc else "")
+    row("KL divergence vs original (mean per token)", "", _value_ci(get(c, "metrics", "kl_divergence"), "{:.4f}"))
+    row("Top-1 next-token agreement", "", _value_ci(get(c, "metrics", "top1_agreement"), "{:.4f}"))
+    for key, label, fmt in (("prompt_tokens_per_s", "Prompt processing, tokens/s", "{:.1f}"),
+                            ("generation_tokens_per_s", "Generation, tokens/s", "{:.1f}"),
+                            ("time_to_first_token_ms", "Time to first token, ms", "{:.1f}")):
+        row(label, _value_ci(get(b, "generation", key), fmt), _value_ci(get(c, "generation", key), fmt),
+            _value_ci(d.get(f"{key}_ratio"), "{:.2f}") + "x" if d.get(f"{key}_ratio") else "")
+    budget = get(report, "budget") or {}
+    row(f"Budget: {budget.get('drop_type')} perplexity increase <= {budget.get('max_drop')}",
+        "", "met" if budget.get("met") else "NOT met", f"worst case {fmt_sig(budget.get('worst_case_drop'))}")
+    return table

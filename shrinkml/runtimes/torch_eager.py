@@ -15,7 +15,10 @@ class TorchRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return self.module(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
+            out = self.module(torch.from_numpy(np.ascontiguousarray(x)))
+            if hasattr(out, "logits"):  # a Hugging Face model output (a causal LM's): its logits
+                out = out.logits
+            return out.float().numpy()
 
 
 class TorchEager:

@@ -13,6 +13,7 @@ from shrinkml.techniques import (  # noqa: F401
     prune_transformer,
     quantize_bf16,
     quantize_dynamic,
+    quantize_gguf,
     quantize_half,
     quantize_nncf,
     quantize_qat,

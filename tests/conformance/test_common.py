@@ -19,7 +19,7 @@ set to ``"auto"`` (a step that searches on data). Every run must:
    second run on a copy of the input, whatever the global random generators hold.
 
 The only per-technique knowledge is which model family fits (``NEEDS_TEXT_ENCODER``,
-``NOT_FOR_TEXT_ENCODER``) and ``CONFIG_OVERRIDES``. A failing case is a bug in the technique: fix
+``NOT_FOR_TEXT_ENCODER``, ``NEEDS_CAUSAL_LM``: a tiny Llama) and ``CONFIG_OVERRIDES``. A failing case is a bug in the technique: fix
 it there (this suite found quantize.half and quantize.qat casting token ids to float32).
 """
 
@@ -94,8 +94,28 @@ def token_ids(n: int = 120, seq: int = 10) -> ArrayData:
     return ArrayData(x)
 
 
+def tiny_causal_lm() -> nn.Module:
+    """A random two-layer Llama with tied embeddings (hidden 64: whole 32-weight blocks, no 256-weight
+    K-quant super-block, so K-quant formats take llama.cpp's fallback)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, initializer_range=0.3,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def token_windows(n: int = 60, seq: int = 16) -> ArrayData:
+    """Token-id windows with their first scored position, as shrinkml.data.lm cuts text."""
+    rng = np.random.default_rng(0)
+    return ArrayData(rng.integers(0, 64, (n, seq)).astype(np.int64), np.ones(n, np.int64))
+
+
 VISION = Subject("cnn", tiny_cnn, lambda: toy_data(200), "classification")
 TEXT = Subject("bert", tiny_text_encoder, token_ids, "embedding")
+LLAMA = Subject("llama", tiny_causal_lm, token_windows, "perplexity")
 
 # No technique declares what model it needs, so this is the one place that says it. A technique
 # runs on the tiny CNN (Conv, BatchNorm, Linear; float inputs) and on the tiny text encoder
@@ -107,6 +127,9 @@ NEEDS_TEXT_ENCODER = frozenset({  # they cut or rewrite parts only a BERT-like t
 NOT_FOR_TEXT_ENCODER = frozenset({  # documented for CNNs and MLPs; transformers have their own steps
     "prune.channels",  # cutting a BERT's hidden channels breaks its head layout: prune.heads / prune.ffn
 })
+NEEDS_CAUSAL_LM = frozenset({  # decoder language models only (and no other technique takes one yet)
+    "quantize.gguf",  # llama.cpp block formats for a *ForCausalLM's weights
+})
 
 # Only where a default cannot run or runs too long for a test.
 CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -117,6 +140,8 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
 
 
 def subjects_for(name: str) -> tuple[Subject, ...]:
+    if name in NEEDS_CAUSAL_LM:
+        return (LLAMA,)
     if name in NEEDS_TEXT_ENCODER:
         return (TEXT,)
     if name in NOT_FOR_TEXT_ENCODER:
@@ -124,7 +149,7 @@ def subjects_for(name: str) -> tuple[Subject, ...]:
     return (VISION, TEXT)
 
 
-SUBJECTS = {s.name: s for s in (VISION, TEXT)}
+SUBJECTS = {s.name: s for s in (VISION, TEXT, LLAMA)}
 
 
 def default_config(name: str) -> StepConfig:
@@ -406,7 +431,7 @@ def test_the_registry_is_covered():
         assert technique.accepts <= {"torch", "onnx"}, f"{name}: unknown kinds in accepts {technique.accepts}"
         assert technique.produces in (None, "torch", "onnx"), f"{name}: unknown produces {technique.produces!r}"
     assert set(CONFIG_OVERRIDES) <= set(TECHNIQUES), "CONFIG_OVERRIDES names unregistered techniques"
-    for table in ("NEEDS_TEXT_ENCODER", "NOT_FOR_TEXT_ENCODER"):
+    for table in ("NEEDS_TEXT_ENCODER", "NOT_FOR_TEXT_ENCODER", "NEEDS_CAUSAL_LM"):
         assert globals()[table] <= set(TECHNIQUES), f"{table} names unregistered techniques"
 
 

@@ -49,3 +49,52 @@ def test_it_answers_and_scores_held_out_prose(smol):
     figures = score_windows({"q4_1": gen.logits}, test, resamples=200)["q4_1"]
     assert figures["scored_tokens"] >= 250
     assert 5 < figures["perplexity"]["value"] < 80  # a 135M instruct model on README prose
+
+
+@pytest.fixture(scope="module")
+def prose_txt(tmp_path_factory):
+    """About a thousand tokens of held-out English (60 README sentences), as a .txt file."""
+    from shrinkml.data.prose import prose_sentences
+
+    path = tmp_path_factory.mktemp("prose") / "prose.txt"
+    path.write_text("\n".join(prose_sentences(60)) + "\n")
+    return path
+
+
+def test_compress_writes_a_gguf_that_holds_exactly_the_chosen_codes(prose_txt, tmp_path, capsys):
+    """shrinkml compress with recipes/llm-q8_0.yaml: OUT/model.gguf loads on its own, its tensors
+    dequantize (gguf package, no llama.cpp) to exactly the values the step chose, and the report
+    measures it against the original on the same test windows."""
+    import json
+
+    import gguf
+
+    from shrinkml.cli import main
+    from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.formats.gguf_file import read_gguf, tensor_float32
+
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "llm-q8_0.yaml"
+    out = tmp_path / "out"
+    code = main(["compress", "--model", str(GGUF), "--data", str(prose_txt), "--task", "perplexity", "--runtime",
+                 "torch", "--recipe", str(recipe), "--out", str(out), "--max-length", "64", "--new-tokens", "4",
+                 "--repeats", "10", "--threads", "2", "--max-drop", "0.05", "--drop-type", "relative", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if report["budget"]["met"] else 1)
+    written = out / "model.gguf"
+    assert report["compressed"]["size_bytes"] == written.stat().st_size < GGUF.stat().st_size * 1.6
+    assert report["baseline"]["size_bytes"] == GGUF.stat().st_size
+    f = read_gguf(written)
+    source = read_gguf(GGUF)
+    assert f.metadata["tokenizer.ggml.tokens"] == source.metadata["tokenizer.ggml.tokens"]
+    assert f.tensor("blk.0.attn_q.weight").qtype == gguf.GGMLQuantizationType.Q8_0
+    assert f.tensor("blk.0.attn_norm.weight").qtype == gguf.GGMLQuantizationType.F32
+    assert "output.weight" not in f  # tied: the embedding table is the output head, stored once
+    # the stored blocks are RTN of the original float weights (q/k in llama.cpp's row order)
+    w = tensor_float32(source, "blk.3.ffn_down.weight")
+    np.testing.assert_array_equal(tensor_float32(f, "blk.3.ffn_down.weight"), gb.dequantize(gb.quantize_rtn(w, "Q8_0")))
+    q = report["compressed"]["metrics"]
+    assert 0 < q["kl_divergence"]["value"] < 0.05 and q["top1_agreement"]["value"] > 0.9
+    inc = report["delta"]["perplexity_increase"]
+    assert inc["ci95"][0] <= inc["value"] <= inc["ci95"][1] and abs(inc["value"]) < 0.05
+    assert report["data"]["context_tokens"] == 64 and report["data"]["scored_tokens"] >= 200
+    assert (out / "recipe.yaml").is_file() and (out / "report.json").is_file()

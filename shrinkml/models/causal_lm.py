@@ -170,9 +170,19 @@ def load_gguf(path: Path) -> LoadedModel:
                          fix="pip install 'shrinkml[llm]'") from None
     transformers = _import_transformers()
     import torch
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    transformers.utils.logging.disable_progress_bar()  # shrinkml reports its own progress
+    # its plain tqdm bar ignores transformers' progress-bar switch; shrinkml reports its own progress
+    bar, gguf_utils.tqdm = getattr(gguf_utils, "tqdm", None), lambda items, **_: items
+    try:
+        return _load_gguf(path, transformers, torch, load_gguf_checkpoint)
+    finally:
+        if bar is not None:
+            gguf_utils.tqdm = bar
+
+
+def _load_gguf(path: Path, transformers, torch, load_gguf_checkpoint) -> LoadedModel:
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
         cfg = dict(parsed["config"])

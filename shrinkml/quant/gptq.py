@@ -70,13 +70,17 @@ def gptq_quantize(
     symmetric: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    params=None,
 ) -> GroupQuantized:
     """GPTQ-quantize a ``(N, K)`` weight given the ``(K, K)`` Hessian of its layer's inputs.
 
     ``damp`` is added to the diagonal as a fraction of its mean (the paper's 1%). ``block_size``
     is the lazy-update width; it is rounded to a multiple of ``group_size`` (at least one group)
     so that every group lies in one block and its scale sees all earlier columns' corrections.
-    Raises ``torch.linalg.LinAlgError`` if the dampened Hessian is not positive definite.
+    ``params(group, bits, symmetric) -> (scale, zero)`` replaces ONNX Runtime's group rules
+    (:func:`~shrinkml.quant.weight_codec.group_params`), e.g. to keep every scale an fp16 value for
+    llama.cpp's blocks. Raises ``torch.linalg.LinAlgError`` if the dampened Hessian is not positive
+    definite.
     """
     check_group_size(group_size)
     if bits not in (4, 8):
@@ -111,7 +115,7 @@ def gptq_quantize(
             if col % group_size == 0:
                 g = col // group_size
                 group = w_block[:, i : i + group_size]  # already corrected for all earlier columns
-                scale, zero = group_params(group, bits, symmetric)
+                scale, zero = (params or group_params)(group, bits, symmetric)
                 scales[:, g], zeros[:, g] = scale, zero
             column = w_block[:, i]
             q = quantize_codes(column, scale, zero, bits)

@@ -520,8 +520,9 @@ def lm_summary_table(report: dict) -> Table:
     def row(label: str, bv: str, cv: str, change: str = "") -> None:
         table.add_row(Text(label), Text(bv), Text(cv), Text(change))
 
+    size_ratio = finite_number(d.get("size_ratio"))
     row("Size on disk", fmt_bytes(b.get("size_bytes")), fmt_bytes(c.get("size_bytes")),
-        f"{fmt_sig(d.get('size_ratio'))}x smaller" if d.get("size_ratio") else "")
+        "" if not size_ratio else f"{fmt_sig(size_ratio)}x smaller" if size_ratio >= 1 else f"{fmt_sig(1 / size_ratio)}x LARGER")
     inc = d.get("perplexity_increase") or {}
     row(f"Perplexity ({fmt_int(get(report, 'data', 'scored_tokens'))} test tokens)",
         _value_ci(get(b, "metrics", "perplexity")), _value_ci(get(c, "metrics", "perplexity")),

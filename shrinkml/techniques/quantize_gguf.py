@@ -18,12 +18,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from shrinkml.core.types import ModelState, StepContext, StepResult
 from shrinkml.techniques.base import StepConfig, register, searchable
 
 BlockFormatName = Literal["Q8_0", "Q6_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0"]
+GPTQ_FORMATS = ("Q4_0", "Q8_0")  # symmetric blocks of 32 with one fp16 scale: GPTQ's group layout
+_GPTQ_BITS = {"Q4_0": 4, "Q8_0": 8}
 
 
 class QuantizeGGUFConfig(StepConfig):
@@ -36,6 +38,19 @@ class QuantizeGGUFConfig(StepConfig):
     embedding_format: BlockFormatName = Field(
         "Q8_0", description="block format of the token embedding table (also the output head when tied)")
     output_format: BlockFormatName = Field("Q6_K", description="block format of an untied lm_head")
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn", description="rtn: llama.cpp's round to nearest; gptq: error-compensating codes from the"
+        " calibration windows (Linear weights in Q4_0 or Q8_0; embeddings stay round to nearest)",
+        json_schema_extra=searchable(choices=("rtn", "gptq")))
+    calibration_windows: int = Field(32, ge=1, le=4096, description="gptq: calibration windows whose inputs make the Hessians")
+    damp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
+
+    @model_validator(mode="after")
+    def _gptq_formats(self) -> QuantizeGGUFConfig:
+        if self.method == "gptq" and self.format not in GPTQ_FORMATS:
+            raise ValueError(f"method gptq writes {' or '.join(GPTQ_FORMATS)} codes (one fp16 scale per 32 weights,"
+                             f" symmetric); format {self.format} needs method rtn")
+        return self
 
 
 def _applies(loaded: Any) -> str | None:
@@ -63,13 +78,70 @@ def _targets(model) -> list[tuple[str, Any, str]]:
     return out
 
 
-def quantize_model(model, config: QuantizeGGUFConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def _fp16_params(group, bits: int, symmetric: bool):
+    """ONNX Runtime's symmetric group rule with the scale rounded to fp16, as llama.cpp stores it."""
+    from shrinkml.quant.weight_codec import group_params
+
+    scale, zero = group_params(group, bits, symmetric)
+    return scale.half().float(), zero
+
+
+def calibration_hessians(model, windows, names: list[str], *, batch: int = 4) -> tuple[dict[str, Any], dict[str, str], int]:
+    """``(accumulators, owner, tokens)``: the input Gram matrix of every Linear in ``names`` over the
+    calibration windows, one accumulator per distinct input (q/k/v share theirs, gate/up theirs):
+    ``owner[name]`` names the module whose accumulator ``name`` uses."""
+    import torch
+
+    from shrinkml.quant.gptq import HessianAccumulator
+
+    modules = dict(model.named_modules())
+    owner: dict[str, str] = {}
+    accs: dict[str, HessianAccumulator] = {}
+    seen: dict[int, str] = {}
+    alive: list = []  # the first batch's inputs stay referenced, so no two of them share an id
+
+    def hook(name: str):
+        def record(_module, args):
+            x = args[0]
+            if name not in owner:
+                owner[name] = seen.setdefault(id(x), name)
+                alive.append(x)
+                if owner[name] == name:
+                    accs[name] = HessianAccumulator(x.shape[-1])
+            if owner[name] == name:
+                accs[name].add(x)
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(windows), batch):
+                ids = torch.as_tensor(windows[start : start + batch], dtype=torch.long)
+                model(input_ids=ids, use_cache=False)
+                tokens += ids.numel()
+                alive.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return accs, owner, tokens
+
+
+def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize ``model``'s weights in place (their values become the dequantized codes); return
-    ``(codes by Hugging Face name, summary)``."""
+    ``(codes by Hugging Face name, summary)``. ``calibration``: token windows for ``gptq``."""
     import numpy as np
     import torch
 
     from shrinkml.formats import gguf_blocks as gb
+
+    targets = _targets(model)
+    hessians: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    calib_tokens = 0
+    if config.method == "gptq":
+        linear = [name.removesuffix(".weight") for name, _, role in targets if role != "embedding"]
+        hessians, owner, calib_tokens = calibration_hessians(model, calibration[: config.calibration_windows], linear)
 
     wanted = {"embedding": config.embedding_format, "output": config.output_format, "linear": config.format}
     codes: dict[str, Any] = {}
@@ -77,13 +149,25 @@ def quantize_model(model, config: QuantizeGGUFConfig) -> tuple[dict[str, Any], d
     fallbacks: list[str] = []
     stored = weights = 0
     err_num = err_den = 0.0
-    for name, param, role in _targets(model):
-        w = param.detach().float().cpu().numpy()
+    gptq_done = 0
+    for name, param, role in targets:
+        w = param.detach().float().cpu().numpy().copy()  # a copy: the parameter is overwritten below
         fmt = wanted[role]
         if not gb.fits(fmt, w.shape[1]):
             fmt = gb.LLAMA_CPP_FALLBACK.get(fmt, "Q8_0")
             fallbacks.append(f"{name} ({w.shape[1]} wide): {wanted[role]} -> {fmt}")
-        c = gb.quantize_rtn(w, fmt)
+        module_name = name.removesuffix(".weight")
+        if config.method == "gptq" and role != "embedding" and fmt in _GPTQ_BITS and module_name in owner:
+            from shrinkml.quant.gptq import gptq_quantize
+
+            g = gptq_quantize(torch.from_numpy(w), hessians[owner[module_name]].hessian(), bits=_GPTQ_BITS[fmt],
+                              group_size=32, symmetric=True, damp=config.damp, params=_fp16_params)
+            c = gb.from_group_params(g.codes.numpy(), g.scales.numpy(), None, fmt, bits=_GPTQ_BITS[fmt])
+            gptq_done += 1
+            if progress is not None and gptq_done % 30 == 0:
+                progress.log(f"quantize.gguf: GPTQ {gptq_done} Linear weights done")
+        else:
+            c = gb.quantize_rtn(w, fmt)
         deq = gb.dequantize(c)
         with torch.no_grad():
             param.copy_(torch.from_numpy(deq).to(param.dtype))
@@ -97,7 +181,9 @@ def quantize_model(model, config: QuantizeGGUFConfig) -> tuple[dict[str, Any], d
         "tensors": len(codes), "formats": formats, "weights": int(weights), "stored_bytes": int(stored),
         "bits_per_weight": round(8.0 * stored / max(weights, 1), 3),
         "weight_sqnr_db": round(10.0 * float(np.log10(err_den / err_num)), 2) if err_num > 0 else None,
-        "fallbacks": fallbacks, "method": "rtn (llama.cpp's reference quantizers)",
+        "fallbacks": fallbacks,
+        "method": "rtn (llama.cpp's reference quantizers)" if config.method == "rtn" else
+        f"gptq on {gptq_done} Linear weights ({calib_tokens:,} calibration tokens), rtn on the rest",
     }
     return codes, summary
 
@@ -118,7 +204,15 @@ def apply(state: ModelState, config: QuantizeGGUFConfig, ctx: StepContext) -> St
     model = copy.deepcopy(model)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # a deep copy keeps the tie, but say so for every transformers version
-    ctx.progress.log(f"quantize.gguf: {config.format} weights, {config.embedding_format} embeddings (round to nearest)")
-    codes, summary = quantize_model(model, config)
+    ctx.progress.log(f"quantize.gguf: {config.format} weights ({config.method}), {config.embedding_format} embeddings")
+    calibration = None
+    if config.method == "gptq":
+        calibration = ctx.splits.calibration.x
+        if not len(calibration):
+            from shrinkml.errors import InputError
+
+            raise InputError("quantize.gguf with method gptq needs calibration windows, and the split has none",
+                             where="quantize.gguf", fix="give more text, or use method rtn")
+    codes, summary = quantize_model(model, config, calibration, ctx.progress)
     new = ModelState("torch", torch_model=model.eval(), weight_codes=codes)
     return StepResult(new, summary)

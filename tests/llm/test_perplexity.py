@@ -131,3 +131,37 @@ def test_bench_measures_a_causal_lm_and_compress_says_it_cannot_yet(tiny_llama_d
     assert "runtime torch" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_llama_dir), "--data", str(tiny_texts), "--task", "embedding"]) == 2
     assert "--task perplexity" in capsys.readouterr().err
+
+
+def test_gptq_codes_beat_round_to_nearest_on_the_layers_own_objective(tiny_llama_dir, tiny_texts):
+    """quantize.gguf method gptq: Q4_0 blocks (fp16 scales, as llama.cpp stores them) whose summed
+    layer error ||X W^T - X W_q^T||^2 on the calibration inputs is below llama.cpp's round to nearest."""
+    from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.techniques.quantize_gguf import QuantizeGGUFConfig, calibration_hessians, quantize_model
+
+    loaded = load_model(str(tiny_llama_dir))
+    splits = lm_splits(read_texts(str(tiny_texts)), LMEncoding(loaded.lm.tokenizer, context=32), seed=0,
+                       fractions=None, source="t")
+    calib = splits.calibration.x
+    names = [n for n, m in loaded.module.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    accs, owner, tokens = calibration_hessians(loaded.module, calib, names)
+    assert tokens == calib.size and set(owner) == set(names)
+    assert owner["model.layers.0.self_attn.k_proj"] == owner["model.layers.0.self_attn.q_proj"]  # one input, one Gram
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = copy.deepcopy(loaded.module)
+        codes, summary = quantize_model(model, QuantizeGGUFConfig(method=method, format="Q4_0"), calib)
+        total = 0.0
+        for n in names:
+            w = dict(loaded.module.named_modules())[n].weight.detach().double()
+            wq = torch.from_numpy(gb.dequantize(codes[f"{n}.weight"])).double()
+            assert torch.equal(dict(model.named_modules())[n].weight.detach().double(), wq)  # the model holds the codes
+            h = accs[owner[n]].hessian()
+            diff = w - wq
+            total += float(torch.einsum("ij,jk,ik->", diff, h, diff))
+        errors[method] = total
+        assert {c.fmt.name for c in codes.values()} == {"Q4_0", "Q8_0"}  # Linear weights, embedding
+        assert (method == "gptq") == summary["method"].startswith("gptq on")
+    assert errors["gptq"] < 0.9 * errors["rtn"], errors
+    with pytest.raises(ValueError, match="needs method rtn"):
+        QuantizeGGUFConfig(method="gptq", format="Q4_1")

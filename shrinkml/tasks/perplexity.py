@@ -68,8 +68,14 @@ class Perplexity(Task):
         return "perplexity"
 
     def scores(self, outputs: np.ndarray, data, reference: np.ndarray) -> dict[str, np.ndarray]:
-        raise NotImplementedError(
-            "perplexity is scored window by window by shrinkml.measure.lm, with both models' logits in hand")
+        """Per window, from logits ``(windows, T, V)`` in hand: mean target NLL, mean KL against
+        ``reference``'s logits and top-1 agreement (``data.x``: the windows, ``data.y``: each one's
+        first scored position). Runs keep the vocabulary-sized logits of a batch only:
+        ``shrinkml.measure.lm.score_windows`` calls :func:`window_statistics` batch by batch."""
+        stats = window_statistics(outputs, data.x, data.y, reference)
+        tokens = np.maximum(stats["tokens"], 1.0)
+        return {"nll_per_token": stats["nll"] / tokens, "kl_divergence": stats["kl"] / tokens,
+                "top1_agreement": stats["top1"] / tokens}
 
     def check_model(self, loaded: Any, splits: Splits) -> None:
         if getattr(loaded, "lm", None) is None:

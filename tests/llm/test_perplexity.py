@@ -165,3 +165,23 @@ def test_gptq_codes_beat_round_to_nearest_on_the_layers_own_objective(tiny_llama
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
     with pytest.raises(ValueError, match="needs method rtn"):
         QuantizeGGUFConfig(method="gptq", format="Q4_1")
+
+
+def test_the_task_scores_logits_in_hand_like_the_window_scorer(tiny_llama_dir, tiny_texts):
+    from shrinkml.tasks.perplexity import TASK
+
+    loaded = load_model(str(tiny_llama_dir))
+    splits = lm_splits(read_texts(str(tiny_texts)), LMEncoding(loaded.lm.tokenizer, context=32), seed=0,
+                       fractions=None, source="t")
+    test = type(splits.test)(splits.test.x[:3], splits.test.y[:3])
+    gen = TorchGenerator(loaded.module, 1)
+    noisy = copy.deepcopy(loaded.module)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.3 * p.std())
+    logits, ref = TorchGenerator(noisy, 1).logits(test.x).numpy(), gen.logits(test.x).numpy()
+    scores = TASK.scores(logits, test, ref)
+    figures = score_windows({"ref": gen.logits, "noisy": TorchGenerator(noisy, 1).logits}, test, resamples=50)["noisy"]
+    per = figures["per_window"]
+    np.testing.assert_allclose(scores["kl_divergence"], np.array(per["kl"]) / np.array(per["tokens"]), rtol=1e-5)
+    np.testing.assert_allclose(scores["nll_per_token"], np.array(per["nll"]) / np.array(per["tokens"]), rtol=1e-5)

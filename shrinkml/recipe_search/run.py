@@ -430,50 +430,69 @@ def search(
                 raise InputError("there is no search to resume in the output folder", where=f"--out {out}",
                                  expected=f"{JOURNAL} from an earlier search", fix="run without --resume")
             if not journal.exists():  # a live study, resumable after a crash: the folder is shrinkml's
+                created = not folder.out.exists()
                 folder.out.mkdir(parents=True, exist_ok=True)
                 marker = folder.out / MARKER
                 if not marker.exists():
                     marker.write_text(json.dumps({"schema": MARKER_SCHEMA, "files": {}, "search_in_progress": True}),
                                       encoding="utf-8")
-        started = time.time()
-        deadline = None if time_budget_s is None else started + time_budget_s
-        from shrinkml.recipe_search import study as st
+                    try:
+                        return _search_in(request, folder, journal, resume, storage, workers, enqueue, trials,
+                                          time_budget_s, progress)
+                    except BaseException:
+                        # refused before any trial was stored (bad model, data or space): leave nothing
+                        if not journal.exists() or journal.stat().st_size == 0:
+                            journal.unlink(missing_ok=True)
+                            marker.unlink(missing_ok=True)
+                            if created and not any(folder.out.iterdir()):
+                                folder.out.rmdir()
+                        raise
+        return _search_in(request, folder, journal, resume, storage, workers, enqueue, trials, time_budget_s,
+                          progress)
 
-        if storage:
-            st.storage(None, storage)  # a new database's tables, made once before the workers join
-        # the other workers load the model and data while this one does: all start trials together
-        procs = _spawn_workers(request, workers, folder.workdir, journal, deadline) if workers > 1 else []
-        try:
-            session = _Session(request, folder.workdir / "worker-0", journal, worker=0,
-                               must_exist=resume and storage is None, progress=progress, deadline=deadline)
-            lost = st.fail_lost_trials(session.study)
-            if lost:
-                progress.log(f"resuming: {lost} trial(s) that were running when the search stopped are marked failed")
-            before = len(session.study.get_trials(deepcopy=False))
-            for params in enqueue or ():
-                session.study.enqueue_trial(params, skip_if_exists=True)
-            progress.log(f"search space: {json.dumps(session.space.describe()['stages'])}")
-            session.run(_progress_callback(session, started, deadline, trials))
-            if procs:
-                progress.log(f"waiting for {len(procs)} other worker(s) to finish their trials")
-                for i, (proc, log) in enumerate(procs, start=1):
-                    if proc.wait() != 0:
-                        tail = Path(log.name).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
-                        progress.log(f"worker {i} exited with code {proc.returncode}: {' | '.join(tail)[:600]}")
-        finally:
-            _stop_workers(procs)
-        duration = time.time() - started
-        report, best_steps, best_files = _finish(session, folder.workdir / "best", duration=duration, lost=lost,
-                                                  trials_before=before, resumed=resume)
-        files: dict[str, Any] = {"search.json": json.dumps(report, indent=2) + "\n"}
-        from shrinkml.report.search import render_search_html, render_search_markdown
 
-        files["search.md"] = render_search_markdown(report)
-        files["search.html"] = render_search_html(report)
-        if journal is not None:
-            files[JOURNAL] = journal
-        files.update(_prefixed(best_files, "best"))
-        written = folder.commit(files)
+def _search_in(request, folder, journal, resume, storage, workers, enqueue, trials, time_budget_s,
+               progress) -> SearchResult:
+    """The search proper, inside the locked output folder (see ``search``)."""
+    started = time.time()
+    deadline = None if time_budget_s is None else started + time_budget_s
+    from shrinkml.recipe_search import study as st
+
+    if storage:
+        st.storage(None, storage)  # a new database's tables, made once before the workers join
+    # the other workers load the model and data while this one does: all start trials together
+    procs = _spawn_workers(request, workers, folder.workdir, journal, deadline) if workers > 1 else []
+    try:
+        session = _Session(request, folder.workdir / "worker-0", journal, worker=0,
+                           must_exist=resume and storage is None, progress=progress, deadline=deadline)
+        lost = st.fail_lost_trials(session.study)
+        if lost:
+            progress.log(f"resuming: {lost} trial(s) that were running when the search stopped are marked failed")
+        before = len(session.study.get_trials(deepcopy=False))
+        for params in enqueue or ():
+            session.study.enqueue_trial(params, skip_if_exists=True)
+        progress.log(f"search space: {json.dumps(session.space.describe()['stages'])}")
+        session.run(_progress_callback(session, started, deadline, trials))
+        if procs:
+            progress.log(f"waiting for {len(procs)} other worker(s) to finish their trials")
+            for i, (proc, log) in enumerate(procs, start=1):
+                if proc.wait() != 0:
+                    tail = Path(log.name).read_text(encoding="utf-8", errors="replace").strip().splitlines()[-3:]
+                    progress.log(f"worker {i} exited with code {proc.returncode}: {' | '.join(tail)[:600]}")
+    finally:
+        _stop_workers(procs)
+    duration = time.time() - started
+    report, best_steps, best_files = _finish(session, folder.workdir / "best", duration=duration, lost=lost,
+                                              trials_before=before, resumed=resume)
+    files: dict[str, Any] = {"search.json": json.dumps(report, indent=2) + "\n"}
+    from shrinkml.report.search import render_search_html, render_search_markdown
+
+    files["search.md"] = render_search_markdown(report)
+    files["search.html"] = render_search_html(report)
+    if journal is not None:
+        files[JOURNAL] = journal
+    files.update(_prefixed(best_files, "best"))
+    written = folder.commit(files)
     return SearchResult(report, best_steps, written)
 
 

@@ -155,6 +155,9 @@ class TrialEvaluator:
         self.cache = PrefixCache(cache_size)
         self.last_seconds: dict[str, float] = {}
         p = pipe.prepared
+        if p.task.causal_lm:
+            raise InputError("shrinkml search does not take causal language models yet", where=p.loaded.source,
+                             fix="compress a causal LM with a recipe (recipes/llm-*.yaml) and shrinkml compress")
         validation = p.splits.validation
         if validation is None or len(validation) < 2:
             raise InputError(

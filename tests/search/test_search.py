@@ -236,3 +236,13 @@ def test_steps_that_do_not_compose_are_infeasible_not_failures(project, tmp_path
     refused = [row for row in report["all_trials"] if row.get("stopped", {}).get("kind") == "incompatible"]
     assert refused and "do not compose" in refused[0]["stopped"]["reason"]
     assert "quantize.static found nothing" in refused[0]["stopped"]["reason"]
+
+
+def test_a_search_refused_before_its_first_trial_leaves_no_output_folder(project, tmp_path, capsys):
+    """Bad input found while preparing (here: a space naming an unknown technique) leaves nothing."""
+    (tmp_path / "bad.yaml").write_text("exclude: [no.such.technique]\n")
+    out = tmp_path / "out"
+    code = main(["search", "--model", MODEL, "--weights", str(project / "mlp.safetensors"), "--data", "builtin:digits",
+                 "--out", str(out), "--space", str(tmp_path / "bad.yaml"), "--trials", "2"])
+    assert code == 2 and "no.such.technique" in capsys.readouterr().err
+    assert not out.exists()

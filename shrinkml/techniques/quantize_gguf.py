@@ -10,6 +10,11 @@ in PyTorch is what the GGUF holds. A K-quant needs rows that are a multiple of 2
 row is not (SmolLM2's 576-wide layers), the tensor takes llama.cpp's own fallback (Q4_K -> Q5_0,
 Q6_K -> Q8_0) and the summary says which.
 
+Mixed precision by measurement, not a fixed table (llama.cpp's ``_K_M`` mixes use one): with
+``promote: N`` every Linear weight is quantized alone (the rest float) on ``sensitivity_windows``
+calibration windows, and the ``N`` whose next-token KL against the float model is largest take
+``promote_format``; the summary lists them with their KL.
+
 Norms and biases stay float32, as llama.cpp keeps them. The step records the codes on the model
 state (``weight_codes``, Hugging Face tensor names), which the GGUF writer stores as they are.
 """
@@ -43,6 +48,9 @@ class QuantizeGGUFConfig(StepConfig):
         " calibration windows (Linear weights in Q4_0 or Q8_0; embeddings stay round to nearest)",
         json_schema_extra=searchable(choices=("rtn", "gptq")))
     calibration_windows: int = Field(32, ge=1, le=4096, description="gptq: calibration windows whose inputs make the Hessians")
+    promote: int = Field(0, ge=0, le=100_000, description="how many of the most sensitive Linear weights take promote_format")
+    promote_format: BlockFormatName = Field("Q8_0", description="the block format of the promoted weights")
+    sensitivity_windows: int = Field(4, ge=1, le=256, description="calibration windows that measure each weight's sensitivity")
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
 
     @model_validator(mode="after")
@@ -127,6 +135,52 @@ def calibration_hessians(model, windows, names: list[str], *, batch: int = 4) ->
     return accs, owner, tokens
 
 
+def _kl_to(reference, logits) -> float:
+    """Mean KL(reference || logits) per token, over the whole vocabulary."""
+    import torch
+
+    p = torch.log_softmax(reference.float(), -1)
+    q = torch.log_softmax(logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def sensitivities(model, targets: list[tuple[str, Any, str]], formats: dict[str, str], windows) -> dict[str, float]:
+    """Per Linear weight: the mean next-token KL against the float model on ``windows`` when that
+    weight alone is round-to-nearest quantized to its format (the others stay float)."""
+    import torch
+
+    from shrinkml.formats import gguf_blocks as gb
+
+    ids = torch.as_tensor(windows, dtype=torch.long)
+    with torch.inference_mode():
+        reference = model(input_ids=ids, use_cache=False).logits
+        out = {}
+        for name, param, role in targets:
+            if role == "embedding":
+                continue
+            saved = param.detach().clone()
+            w = saved.float().numpy()
+            param.copy_(torch.from_numpy(gb.dequantize(gb.quantize_rtn(w, formats[name]))).to(param.dtype))
+            out[name] = _kl_to(reference, model(input_ids=ids, use_cache=False).logits)
+            param.copy_(saved)
+    return out
+
+
+def _formats(targets, config: QuantizeGGUFConfig) -> tuple[dict[str, str], list[str]]:
+    """Each target's block format (its role's, or llama.cpp's fallback where rows do not fit)."""
+    from shrinkml.formats import gguf_blocks as gb
+
+    wanted = {"embedding": config.embedding_format, "output": config.output_format, "linear": config.format}
+    formats, fallbacks = {}, []
+    for name, param, role in targets:
+        fmt = wanted[role]
+        if not gb.fits(fmt, param.shape[1]):
+            fmt = gb.LLAMA_CPP_FALLBACK.get(fmt, "Q8_0")
+            fallbacks.append(f"{name} ({param.shape[1]} wide): {wanted[role]} -> {fmt}")
+        formats[name] = fmt
+    return formats, fallbacks
+
+
 def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize ``model``'s weights in place (their values become the dequantized codes); return
     ``(codes by Hugging Face name, summary)``. ``calibration``: token windows for ``gptq``."""
@@ -136,6 +190,19 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
     from shrinkml.formats import gguf_blocks as gb
 
     targets = _targets(model)
+    formats, fallbacks = _formats(targets, config)
+    promoted: list[dict[str, Any]] = []
+    if config.promote:
+        if progress is not None:
+            progress.log(f"quantize.gguf: measuring the sensitivity of {len(targets) - 1} weights on"
+                         f" {min(config.sensitivity_windows, len(calibration))} calibration windows")
+        kl = sensitivities(model, targets, formats, calibration[: config.sensitivity_windows])
+        promote_fmt = config.promote_format
+        for name in sorted(kl, key=kl.get, reverse=True)[: config.promote]:
+            shape = dict((n, p.shape) for n, p, _ in targets)[name]
+            fmt = promote_fmt if gb.fits(promote_fmt, shape[1]) else gb.LLAMA_CPP_FALLBACK.get(promote_fmt, "Q8_0")
+            promoted.append({"tensor": name, "kl_alone": round(kl[name], 6), "from": formats[name], "to": fmt})
+            formats[name] = fmt
     hessians: dict[str, Any] = {}
     owner: dict[str, str] = {}
     calib_tokens = 0
@@ -143,19 +210,14 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
         linear = [name.removesuffix(".weight") for name, _, role in targets if role != "embedding"]
         hessians, owner, calib_tokens = calibration_hessians(model, calibration[: config.calibration_windows], linear)
 
-    wanted = {"embedding": config.embedding_format, "output": config.output_format, "linear": config.format}
     codes: dict[str, Any] = {}
-    formats: dict[str, int] = {}
-    fallbacks: list[str] = []
+    counts: dict[str, int] = {}
     stored = weights = 0
     err_num = err_den = 0.0
     gptq_done = 0
     for name, param, role in targets:
         w = param.detach().float().cpu().numpy().copy()  # a copy: the parameter is overwritten below
-        fmt = wanted[role]
-        if not gb.fits(fmt, w.shape[1]):
-            fmt = gb.LLAMA_CPP_FALLBACK.get(fmt, "Q8_0")
-            fallbacks.append(f"{name} ({w.shape[1]} wide): {wanted[role]} -> {fmt}")
+        fmt = formats[name]
         module_name = name.removesuffix(".weight")
         if config.method == "gptq" and role != "embedding" and fmt in _GPTQ_BITS and module_name in owner:
             from shrinkml.quant.gptq import gptq_quantize
@@ -172,16 +234,17 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
         with torch.no_grad():
             param.copy_(torch.from_numpy(deq).to(param.dtype))
         codes[name] = c
-        formats[fmt] = formats.get(fmt, 0) + 1
+        counts[fmt] = counts.get(fmt, 0) + 1
         stored += gb.packed_nbytes(fmt, *w.shape)
         weights += w.size
         err_num += float(np.square(w - deq, dtype=np.float64).sum())
         err_den += float(np.square(w, dtype=np.float64).sum())
     summary = {
-        "tensors": len(codes), "formats": formats, "weights": int(weights), "stored_bytes": int(stored),
+        "tensors": len(codes), "formats": counts, "weights": int(weights), "stored_bytes": int(stored),
         "bits_per_weight": round(8.0 * stored / max(weights, 1), 3),
         "weight_sqnr_db": round(10.0 * float(np.log10(err_den / err_num)), 2) if err_num > 0 else None,
         "fallbacks": fallbacks,
+        "promoted": promoted,  # the most sensitive weights, by next-token KL when quantized alone
         "method": "rtn (llama.cpp's reference quantizers)" if config.method == "rtn" else
         f"gptq on {gptq_done} Linear weights ({calib_tokens:,} calibration tokens), rtn on the rest",
     }
@@ -206,13 +269,13 @@ def apply(state: ModelState, config: QuantizeGGUFConfig, ctx: StepContext) -> St
         model.tie_weights()  # a deep copy keeps the tie, but say so for every transformers version
     ctx.progress.log(f"quantize.gguf: {config.format} weights ({config.method}), {config.embedding_format} embeddings")
     calibration = None
-    if config.method == "gptq":
+    if config.method == "gptq" or config.promote:
         calibration = ctx.splits.calibration.x
         if not len(calibration):
             from shrinkml.errors import InputError
 
-            raise InputError("quantize.gguf with method gptq needs calibration windows, and the split has none",
-                             where="quantize.gguf", fix="give more text, or use method rtn")
+            raise InputError("quantize.gguf with method gptq or promote needs calibration windows, and the split"
+                             " has none", where="quantize.gguf", fix="give more text, or use method rtn and promote 0")
     codes, summary = quantize_model(model, config, calibration, ctx.progress)
     new = ModelState("torch", torch_model=model.eval(), weight_codes=codes)
     return StepResult(new, summary)

@@ -194,3 +194,25 @@ def test_search_refuses_a_causal_lm_in_so_many_words(tiny_llama_dir, tiny_texts,
                  "--runtime", "torch", "--max-length", "32", "--out", str(tmp_path / "out"), "--trials", "1"])
     assert code == 2 and "does not take causal language models yet" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_promote_gives_the_most_sensitive_weights_the_higher_format(tiny_llama_dir, tiny_texts):
+    from shrinkml.techniques.quantize_gguf import QuantizeGGUFConfig, _formats, _targets, quantize_model, sensitivities
+
+    loaded = load_model(str(tiny_llama_dir))
+    splits = lm_splits(read_texts(str(tiny_texts)), LMEncoding(loaded.lm.tokenizer, context=32), seed=0,
+                       fractions=None, source="t")
+    calib = splits.calibration.x
+    config = QuantizeGGUFConfig(format="Q4_0", promote=3, promote_format="Q8_0", sensitivity_windows=4)
+    model = copy.deepcopy(loaded.module)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = _targets(model)
+    kl = sensitivities(model, targets, _formats(targets, config)[0], calib[:4])
+    assert len(kl) == len(targets) - 1 and min(kl.values()) > 0
+    # measuring sensitivity put every weight back as it was
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    top = sorted(kl, key=kl.get, reverse=True)[:3]
+    codes, summary = quantize_model(model, config, calib)
+    assert [p["tensor"] for p in summary["promoted"]] == top
+    assert {n for n, c in codes.items() if c.fmt.name == "Q8_0"} == set(top) | {"model.embed_tokens.weight"}
+    assert summary["formats"] == {"Q8_0": 4, "Q4_0": len(codes) - 4}

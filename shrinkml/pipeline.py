@@ -93,7 +93,12 @@ def _prepare_lm(task, loaded, data, settings: RunSettings) -> Prepared:
     context = min(settings.max_length or DEFAULT_CONTEXT, loaded.lm.context_length)
     splits = lm_splits(read_texts(str(data)), LMEncoding(loaded.lm.tokenizer, context=context), seed=settings.seed,
                        fractions=settings.splits, source=str(data))
-    example = splits.calibration.x[:1] if len(splits.calibration) else splits.validation.x[:1]
+    examples = [part.x[:1] for part in (splits.calibration, splits.finetune, splits.validation) if part is not None and len(part)]
+    if not examples:
+        raise InputError("the text outside the test split is too short for one window", where=str(data),
+                         expected=f"at least {context} tokens of calibration text", fix="give more text, or a"
+                         " shorter context with --max-length")
+    example = examples[0]
     with torch.inference_mode():
         logits = loaded.module(input_ids=torch.as_tensor(example)).logits.float().numpy()
     task.check_outputs(splits, logits, loaded.source)

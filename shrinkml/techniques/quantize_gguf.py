@@ -50,7 +50,9 @@ class QuantizeGGUFConfig(StepConfig):
     calibration_windows: int = Field(32, ge=1, le=4096, description="gptq: calibration windows whose inputs make the Hessians")
     promote: int = Field(0, ge=0, le=100_000, description="how many of the most sensitive Linear weights take promote_format")
     promote_format: BlockFormatName = Field("Q8_0", description="the block format of the promoted weights")
-    sensitivity_windows: int = Field(4, ge=1, le=256, description="calibration windows that measure each weight's sensitivity")
+    sensitivity_windows: int = Field(
+        1, ge=1, le=256, description="calibration windows that measure each weight's sensitivity (one forward pass"
+        " of them per Linear weight)")
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
 
     @model_validator(mode="after")

@@ -133,20 +133,21 @@ def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
     return Prepared(task, loaded, splits, example, settings)
 
 
-def _step_context(loaded, splits, task, example, settings, progress, workdir, budget=None):
+def _step_context(loaded, splits, task, example, settings, progress, workdir, budget=None, *, teacher: bool = True):
     """What every step sees: the splits, the task, and a frozen copy of the original model as the
-    distillation teacher (steps never change the model they were given)."""
+    distillation teacher (steps never change the model they were given; ``teacher=False`` when no
+    step of the recipe distils, which saves a copy of the model)."""
     from shrinkml.core.types import StepContext
 
-    teacher = None
-    if loaded.kind == "torch":
-        teacher = copy.deepcopy(loaded.module).eval()
-        for p in teacher.parameters():
+    frozen = None
+    if teacher and loaded.kind == "torch":
+        frozen = copy.deepcopy(loaded.module).eval()
+        for p in frozen.parameters():
             p.requires_grad_(False)
     return StepContext(
         splits=splits,
         task=task,
-        teacher=teacher,
+        teacher=frozen,
         example_input=example,
         seed=settings.seed,
         threads=settings.threads,
@@ -354,9 +355,17 @@ class Pipeline:
                                  fix="use quantize.gguf for a causal LM loaded from a .gguf file")
         with (run_folder(None, {}) if folder is None else _given(folder)) as where:
             workdir = where.workdir
-            ctx = _step_context(p.loaded, p.splits, p.task, p.example, s, self.progress, workdir, budget)
-            state, step_reports = self._apply(recipe.steps, ctx)
-            gguf_path = write_lm_gguf(state, p.loaded, workdir / "model.gguf")
+            from shrinkml.measure.memory import _PeakSampler
+
+            # no causal-LM step distils: no teacher copy of the model
+            ctx = _step_context(p.loaded, p.splits, p.task, p.example, s, self.progress, workdir, budget, teacher=False)
+            with _PeakSampler() as sampler:
+                before = sampler.peak
+                state, step_reports = self._apply(recipe.steps, ctx)
+                gguf_path = write_lm_gguf(state, p.loaded, workdir / "model.gguf")
+            memory = {"process_rss_before_bytes": int(before), "process_peak_rss_bytes": int(sampler.peak),
+                      "fp32_model_bytes": 4 * sum(t.numel() for t in p.loaded.module.parameters()),
+                      "scope": "this process, the original model loaded, while the steps ran and model.gguf was written"}
             self.progress.log(f"wrote {gguf_path.stat().st_size:,} bytes of GGUF; loading it back on its own")
             written = load_gguf(gguf_path)  # what a user deploys, read as a user reads it
             figures = assess_lm_pair(p.loaded.module, written.module, p.splits, context_length=p.loaded.lm.context_length,
@@ -365,7 +374,7 @@ class Pipeline:
             sizes = {"baseline": deployable_bytes(p.loaded), "compressed": gguf_path.stat().st_size}
             report = build_lm_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits, figures=figures,
                                      sizes=sizes, budget=budget, recipe=recipe, steps=step_reports,
-                                     environment=environment(threads=s.threads, seed=s.seed))
+                                     environment=environment(threads=s.threads, seed=s.seed), memory=memory)
             files: dict[str, Path] = {}
             if folder is not None:
                 import json

@@ -207,7 +207,7 @@ LM_REPORT_SCHEMA = "shrinkml.lm_report/1"
 
 
 def build_lm_report(*, loaded, task, settings, splits, figures: dict, sizes: dict, budget, recipe, steps: list[dict],
-                    environment: dict) -> dict[str, Any]:
+                    environment: dict, memory: dict | None = None) -> dict[str, Any]:
     """The ``shrinkml.lm_report/1`` dict of one causal-LM compress run: sizes, perplexity of both with
     CIs, KL and top-1 agreement of the compressed against the original, the perplexity increase with
     its paired CI (the budget reads its worst end), and interleaved generation speed."""
@@ -250,6 +250,7 @@ def build_lm_report(*, loaded, task, settings, splits, figures: dict, sizes: dic
                    "worst_case_drop": worst, "met": bool(worst <= budget.max_drop)},
         "recipe": recipe.to_dict(),
         "steps": steps,
+        "compression_memory": memory,
         "notes": _loading_notes(loaded),
         "environment": environment,
     }

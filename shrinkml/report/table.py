@@ -534,6 +534,10 @@ def lm_summary_table(report: dict) -> Table:
                             ("time_to_first_token_ms", "Time to first token, ms", "{:.1f}")):
         row(label, _value_ci(get(b, "generation", key), fmt), _value_ci(get(c, "generation", key), fmt),
             _value_ci(d.get(f"{key}_ratio"), "{:.2f}") + "x" if d.get(f"{key}_ratio") else "")
+    mem = get(report, "compression_memory") or {}
+    if mem:
+        row("Peak process memory while compressing", "", fmt_bytes(mem.get("process_peak_rss_bytes")),
+            f"FP32 model {fmt_bytes(mem.get('fp32_model_bytes'))}")
     budget = get(report, "budget") or {}
     row(f"Budget: {budget.get('drop_type')} perplexity increase <= {budget.get('max_drop')}",
         "", "met" if budget.get("met") else "NOT met", f"worst case {fmt_sig(budget.get('worst_case_drop'))}")

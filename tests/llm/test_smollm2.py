@@ -98,5 +98,8 @@ def test_compress_writes_a_gguf_that_holds_exactly_the_chosen_codes(prose_txt, t
     assert inc["ci95"][0] <= inc["value"] <= inc["ci95"][1] and abs(inc["value"]) < 0.05
     assert report["data"]["context_tokens"] == 64 and report["data"]["scored_tokens"] >= 200
     assert (out / "recipe.yaml").is_file() and (out / "report.json").is_file()
+    mem = report["compression_memory"]
+    assert mem["process_peak_rss_bytes"] >= mem["process_rss_before_bytes"] > 0
+    assert mem["fp32_model_bytes"] == 4 * 134_515_008
     summary = report["steps"][0]["summary"]
     assert summary["formats"] == {"Q8_0": 211} and 30 < summary["weight_sqnr_db"] < 60  # 8-bit blocks: ~40 dB

@@ -200,9 +200,9 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
                          f" {min(config.sensitivity_windows, len(calibration))} calibration windows")
         kl = sensitivities(model, targets, formats, calibration[: config.sensitivity_windows])
         promote_fmt = config.promote_format
+        widths = {n: p.shape[1] for n, p, _ in targets}
         for name in sorted(kl, key=kl.get, reverse=True)[: config.promote]:
-            shape = dict((n, p.shape) for n, p, _ in targets)[name]
-            fmt = promote_fmt if gb.fits(promote_fmt, shape[1]) else gb.LLAMA_CPP_FALLBACK.get(promote_fmt, "Q8_0")
+            fmt = promote_fmt if gb.fits(promote_fmt, widths[name]) else gb.LLAMA_CPP_FALLBACK.get(promote_fmt, "Q8_0")
             promoted.append({"tensor": name, "kl_alone": round(kl[name], 6), "from": formats[name], "to": fmt})
             formats[name] = fmt
     hessians: dict[str, Any] = {}

@@ -216,3 +216,36 @@ def test_promote_gives_the_most_sensitive_weights_the_higher_format(tiny_llama_d
     assert [p["tensor"] for p in summary["promoted"]] == top
     assert {n for n, c in codes.items() if c.fmt.name == "Q8_0"} == set(top) | {"model.embed_tokens.weight"}
     assert summary["formats"] == {"Q8_0": 4, "Q4_0": len(codes) - 4}
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_other_decoder_families_load_and_score(tmp_path, tiny_texts, arch):
+    """Not only Llama: a Qwen2 and a GPT-2 directory load as causal LMs and score their windows."""
+    import transformers
+
+    from tests.llm.conftest import WORDS
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        config = transformers.Qwen2Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.GPT2Config(vocab_size=len(vocab), n_positions=128, n_embd=32, n_layer=2, n_head=4)
+        model = transformers.GPT2LMHeadModel(config)
+    model.eval().save_pretrained(str(tmp_path))
+    loaded = load_model(str(tmp_path))
+    assert loaded.lm.architecture == arch and loaded.text is None
+    splits = lm_splits(read_texts(str(tiny_texts)), LMEncoding(loaded.lm.tokenizer, context=32), seed=0,
+                       fractions=None, source="t")
+    gen = TorchGenerator(loaded.module, 1)
+    figures = score_windows({"m": gen.logits}, splits.test, resamples=100)["m"]
+    with torch.no_grad():
+        one = torch.as_tensor(splits.test.x[:1])
+        loss = loaded.module(input_ids=one, labels=one).loss
+    first = score_windows({"m": gen.logits}, type(splits.test)(splits.test.x[:1], np.array([1])), resamples=50)["m"]
+    assert first["perplexity"]["value"] == pytest.approx(float(torch.exp(loss)), rel=1e-5)
+    assert figures["scored_tokens"] > 0 and len(gen.generate(splits.test.x[0][:8], 4).tokens) == 4

@@ -86,6 +86,9 @@ def _prepare_lm(task, loaded, data, settings: RunSettings) -> Prepared:
 
     from shrinkml.data.lm import DEFAULT_CONTEXT, LMEncoding, lm_splits, read_texts
 
+    if settings.runtime != "torch":  # before any text is read
+        raise InputError(f"causal language models are measured on PyTorch in this version, not {settings.runtime}",
+                         where=f"--runtime {settings.runtime}", fix="pass --runtime torch")
     if not isinstance(data, (str, Path)):
         raise InputError("a causal language model is measured on text", where="--data",
                          expected="a .txt file (a text per line), a .jsonl file with 'text' fields, or builtin:prose",
@@ -316,10 +319,6 @@ class Pipeline:
         from shrinkml.report.build import build_lm_bench_report
 
         p, s = self.prepared, self.settings
-        if s.runtime != "torch":
-            raise InputError(
-                f"causal language models are measured on PyTorch in this version, not {s.runtime}",
-                where=f"--runtime {s.runtime}", fix="pass --runtime torch")
         measurement = assess_lm(p.loaded, p.splits, threads=s.threads, repeats=s.repeats, seed=s.seed,
                                 resamples=s.bootstrap_resamples, new_tokens=s.new_tokens, progress=self.progress)
         return build_lm_bench_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits,
@@ -343,9 +342,6 @@ class Pipeline:
         from shrinkml.techniques.base import registry
 
         p, s = self.prepared, self.settings
-        if s.runtime != "torch":
-            raise InputError(f"causal language models are measured on PyTorch in this version, not {s.runtime}",
-                             where=f"--runtime {s.runtime}", fix="pass --runtime torch")
         techniques = registry()
         for i, step in enumerate(recipe.steps):
             applies = techniques[step.technique].applies

@@ -381,19 +381,24 @@ def _arch_enum(arch: str) -> Any:
     raise ValueError(f"gguf does not know the architecture {arch!r}")
 
 
+def _llama_map(name: str, block: re.Pattern, block_table: dict, top_table: dict, block_fmt: str) -> str | None:
+    """``name`` through Llama's fixed tables, in either direction (None when it has no counterpart)."""
+    m = block.fullmatch(name)
+    if m and m.group(2) in block_table:
+        return block_fmt.format(m.group(1), block_table[m.group(2)], m.group(3))
+    m = _SUFFIX.fullmatch(name)
+    if m and m.group(1) in top_table:
+        return f"{top_table[m.group(1)]}.{m.group(2)}"
+    return None
+
+
 def gguf_to_hf_name(name: str, arch: str = "llama", *, hf_names: Any = None) -> str | None:
     """The Hugging Face name of GGUF tensor ``name`` (``blk.3.attn_q.weight`` ->
     ``model.layers.3.self_attn.q_proj.weight``), None for tensors only llama.cpp has
     (``rope_freqs.weight``). Llama has a fixed table; for other architectures the reverse of
     ``gguf.TensorNameMap`` is ambiguous, so ``hf_names`` (the model's own names) must say which."""
     if arch == "llama" and hf_names is None:
-        m = _GGUF_BLOCK.fullmatch(name)
-        if m and m.group(2) in _LLAMA_BLOCK:
-            return f"model.layers.{m.group(1)}.{_LLAMA_BLOCK[m.group(2)]}.{m.group(3)}"
-        m = _SUFFIX.fullmatch(name)
-        if m and m.group(1) in _LLAMA_TOP:
-            return f"{_LLAMA_TOP[m.group(1)]}.{m.group(2)}"
-        return None
+        return _llama_map(name, _GGUF_BLOCK, _LLAMA_BLOCK, _LLAMA_TOP, "model.layers.{}.{}.{}")
     if hf_names is None:
         raise ValueError(f"GGUF names map to Hugging Face names unambiguously only for llama; for {arch!r} pass"
                          " hf_names, the model's own tensor names")
@@ -408,13 +413,7 @@ def hf_to_gguf_name(name: str, arch: str = "llama", *, n_layers: int | None = No
     """The GGUF name of Hugging Face tensor ``name``, None when GGUF has no such tensor. Llama uses
     a fixed table; other architectures use ``gguf.TensorNameMap`` (which needs ``n_layers``)."""
     if arch == "llama":
-        m = _HF_BLOCK.fullmatch(name)
-        if m and m.group(2) in _LLAMA_BLOCK_HF:
-            return f"blk.{m.group(1)}.{_LLAMA_BLOCK_HF[m.group(2)]}.{m.group(3)}"
-        m = _SUFFIX.fullmatch(name)
-        if m and m.group(1) in _LLAMA_TOP_HF:
-            return f"{_LLAMA_TOP_HF[m.group(1)]}.{m.group(2)}"
-        return None
+        return _llama_map(name, _HF_BLOCK, _LLAMA_BLOCK_HF, _LLAMA_TOP_HF, "blk.{}.{}.{}")
     if n_layers is None:
         raise ValueError("n_layers is needed to map block tensor names")
     return gguf.get_tensor_name_map(_arch_enum(arch), n_layers).get_name(name, try_suffixes=(".weight", ".bias"))

@@ -245,6 +245,14 @@ def _only_for_factories(flag: str, fix: str) -> InputError:
     return InputError(f"{flag} is only for factory models", where=flag, fix=fix)
 
 
+def _refuse_weights(weights: Any, random_weights: bool, holder: str) -> None:
+    """A model that holds its own weights (``holder``: "a model directory", "an .onnx file", ...)
+    takes neither --weights nor --random-weights."""
+    if weights is not None or random_weights:
+        raise _only_for_factories("--weights" if weights is not None else "--random-weights",
+                                  f"{holder} holds its own weights: drop --weights / --random-weights")
+
+
 def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: bool = False) -> LoadedModel:
     """Load a model spec; see the module docstring for the accepted forms.
 
@@ -276,11 +284,7 @@ def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: 
     if path.is_dir():
         from shrinkml.models.hf import is_hf_dir, load_hf_dir
 
-        if weights is not None or random_weights:
-            raise _only_for_factories(
-                "--weights" if weights is not None else "--random-weights",
-                "a model directory holds its own weights: drop --weights / --random-weights",
-            )
+        _refuse_weights(weights, random_weights, "a model directory")
         if not is_hf_dir(path):
             raise InputError(
                 "the model directory has neither modules.json nor config.json",
@@ -294,20 +298,12 @@ def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: 
             return load_causal_lm(path)
         return load_hf_dir(path)
     if path.suffix.lower() == ".gguf":
-        if weights is not None or random_weights:
-            raise _only_for_factories(
-                "--weights" if weights is not None else "--random-weights",
-                "a .gguf file holds its own weights: drop --weights / --random-weights",
-            )
+        _refuse_weights(weights, random_weights, "a .gguf file")
         from shrinkml.models.causal_lm import load_gguf
 
         return load_gguf(path)
     if path.suffix.lower() == ".onnx":
-        if weights is not None or random_weights:
-            raise _only_for_factories(
-                "--weights" if weights is not None else "--random-weights",
-                "an .onnx file holds its own weights: drop --weights / --random-weights",
-            )
+        _refuse_weights(weights, random_weights, "an .onnx file")
         return _load_onnx(path)
     if path.suffix.lower() in _PICKLE_SUFFIXES or path.suffix.lower() == ".safetensors":
         if path.suffix.lower() == ".safetensors":

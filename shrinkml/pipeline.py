@@ -26,7 +26,7 @@ from shrinkml.packaging import run_folder
 from shrinkml.packaging.results import output_files
 from shrinkml.progress import SILENT, Progress
 from shrinkml.recipe import Recipe, as_recipe
-from shrinkml.runtimes import runtime
+from shrinkml.runtimes import runtime, runtime_names
 from shrinkml.settings import RunSettings
 from shrinkml.tasks import Task, get_task
 
@@ -80,15 +80,25 @@ def _check_causal_lm(loaded, task) -> None:
     task.check_model(loaded, None)
 
 
+def _close(generator) -> None:
+    close = getattr(generator, "close", None)
+    if close is not None:
+        close()
+
+
 def _prepare_lm(task, loaded, data, settings: RunSettings) -> Prepared:
     """Split the text by text, then window it with the model's tokenizer (``shrinkml.data.lm``)."""
     import torch
 
     from shrinkml.data.lm import DEFAULT_CONTEXT, LMEncoding, lm_splits, read_texts
 
-    if settings.runtime != "torch":  # before any text is read
-        raise InputError(f"causal language models are measured on PyTorch in this version, not {settings.runtime}",
-                         where=f"--runtime {settings.runtime}", fix="pass --runtime torch")
+    rt = runtime(settings.runtime)
+    if not hasattr(rt, "lm_generator"):  # before any text is read
+        lm_runtimes = [n for n in runtime_names() if hasattr(runtime(n), "lm_generator")]
+        raise InputError(f"--runtime {settings.runtime} does not measure causal language models",
+                         where=f"--runtime {settings.runtime}", expected=f"one of {', '.join(lm_runtimes)}",
+                         fix="pass --runtime llamacpp (the GGUF on llama.cpp) or --runtime torch")
+    rt.check_lm(loaded)
     if not isinstance(data, (str, Path)):
         raise InputError("a causal language model is measured on text", where="--data",
                          expected="a .txt file (a text per line), a .jsonl file with 'text' fields, or builtin:prose",
@@ -113,6 +123,10 @@ def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
     from shrinkml.models import load_model
 
     task = get_task(task_name)
+    if getattr(runtime(settings.runtime), "causal_lm_only", False) and not task.causal_lm:
+        raise InputError(f"--runtime {settings.runtime} measures causal language models only, not --task {task.name}",
+                         where=f"--runtime {settings.runtime}", expected="--task perplexity with a causal LM",
+                         fix="pass --runtime onnxruntime, openvino or torch for this model")
     # first: text data is tokenized by the model's tokenizer
     loaded = load_model(model, weights, random_weights=settings.random_weights)
     if loaded.lm is not None or task.causal_lm:
@@ -319,10 +333,20 @@ class Pipeline:
         from shrinkml.report.build import build_lm_bench_report
 
         p, s = self.prepared, self.settings
-        measurement = assess_lm(p.loaded, p.splits, threads=s.threads, repeats=s.repeats, seed=s.seed,
-                                resamples=s.bootstrap_resamples, new_tokens=s.new_tokens, progress=self.progress)
+        generator = self._lm_generator(loaded=p.loaded)
+        try:
+            measurement = assess_lm(p.loaded, p.splits, generator, runtime=s.runtime, repeats=s.repeats, seed=s.seed,
+                                    resamples=s.bootstrap_resamples, new_tokens=s.new_tokens, progress=self.progress)
+        finally:
+            _close(generator)
         return build_lm_bench_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits,
                                      measurement=measurement, environment=environment(threads=s.threads, seed=s.seed))
+
+    def _lm_generator(self, *, loaded=None, gguf_path=None):
+        """The runtime's loaded causal LM: the input model, or a written GGUF read back on its own."""
+        p, s = self.prepared, self.settings
+        return runtime(s.runtime).lm_generator(loaded=loaded, gguf_path=gguf_path, threads=s.threads,
+                                                   context=int(p.splits.test.x.shape[1]), new_tokens=s.new_tokens)
 
     def _refuse_lm(self, verb: str) -> None:
         if self.prepared.task.causal_lm:
@@ -336,7 +360,6 @@ class Pipeline:
         against the original on the same windows and rounds (``shrinkml.measure.lm``)."""
         from shrinkml.environment import environment
         from shrinkml.measure.lm import assess_lm_pair, deployable_bytes
-        from shrinkml.models.causal_lm import load_gguf
         from shrinkml.packaging.gguf_out import write_lm_gguf
         from shrinkml.report.build import build_lm_report
         from shrinkml.techniques.base import registry
@@ -363,10 +386,16 @@ class Pipeline:
                       "fp32_model_bytes": 4 * sum(t.numel() for t in p.loaded.module.parameters()),
                       "scope": "this process, the original model loaded, while the steps ran and model.gguf was written"}
             self.progress.log(f"wrote {gguf_path.stat().st_size:,} bytes of GGUF; loading it back on its own")
-            written = load_gguf(gguf_path)  # what a user deploys, read as a user reads it
-            figures = assess_lm_pair(p.loaded.module, written.module, p.splits, context_length=p.loaded.lm.context_length,
-                                     threads=s.threads, repeats=s.repeats, seed=s.seed, resamples=s.bootstrap_resamples,
-                                     new_tokens=s.new_tokens, progress=self.progress)
+            # what a user deploys, read as a user reads it, on the runtime the report names
+            generators = {"baseline": self._lm_generator(loaded=p.loaded),
+                          "compressed": self._lm_generator(gguf_path=gguf_path)}
+            try:
+                figures = assess_lm_pair(generators, p.splits, context_length=p.loaded.lm.context_length,
+                                         repeats=s.repeats, seed=s.seed, resamples=s.bootstrap_resamples,
+                                         new_tokens=s.new_tokens, progress=self.progress)
+            finally:
+                for g in generators.values():
+                    _close(g)
             sizes = {"baseline": deployable_bytes(p.loaded), "compressed": gguf_path.stat().st_size}
             report = build_lm_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits, figures=figures,
                                      sizes=sizes, budget=budget, recipe=recipe, steps=step_reports,

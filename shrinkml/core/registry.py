@@ -53,6 +53,7 @@ class LazyRegistry:
 
 
 RUNTIMES = LazyRegistry("runtime")
+RUNTIMES.add("llamacpp", "shrinkml.runtimes.llamacpp:RUNTIME")
 RUNTIMES.add("onnxruntime", "shrinkml.runtimes.onnxruntime:RUNTIME")
 RUNTIMES.add("openvino", "shrinkml.runtimes.openvino:RUNTIME")
 RUNTIMES.add("torch", "shrinkml.runtimes.torch_eager:RUNTIME")

@@ -114,6 +114,9 @@ class TorchGenerator:
     def __init__(self, model, threads: int) -> None:
         import inspect
 
+        import torch
+
+        torch.set_num_threads(threads)
         self.model = model.eval()
         self.threads = threads
         # transformers 5.x names the KV cache ``cache`` (``past_key_values`` is deprecated); 4.x does not
@@ -203,29 +206,38 @@ def deployable_bytes(loaded) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def assess_lm(loaded, splits, *, threads: int, repeats: int, seed: int, resamples: int, new_tokens: int = 128,
-              progress: Progress = SILENT) -> dict[str, Any]:
-    """The ``bench`` measurement of one causal LM on PyTorch eager: size, parameters, perplexity on
-    the test windows (CI over windows), greedy generation speed from a test-window prompt with the
-    KV cache, and this process's peak resident memory while generating."""
+def runtime_details(generator) -> dict[str, Any]:
+    """How ``generator`` computes, for the report (llama.cpp's build and settings, or PyTorch's)."""
+    if hasattr(generator, "describe"):
+        return generator.describe()
     import torch
 
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in generator.model.parameters()})
+    return {"runtime": "torch", "version": torch.__version__, "mode": "eager, inference_mode, KV cache",
+            "parameter_dtypes": dtypes, "threads": torch.get_num_threads()}
+
+
+def assess_lm(loaded, splits, generator, *, runtime: str, repeats: int, seed: int, resamples: int,
+              new_tokens: int = 128, progress: Progress = SILENT) -> dict[str, Any]:
+    """The ``bench`` measurement of one causal LM on ``generator`` (a runtime's loaded model): size,
+    parameters, perplexity on the test windows (CI over windows), greedy generation speed from a
+    test-window prompt with the KV cache, and this process's peak resident memory while generating."""
     from shrinkml.data.lm import scored_tokens
     from shrinkml.measure.memory import _PeakSampler
 
-    torch.set_num_threads(threads)
-    gen = TorchGenerator(loaded.module, threads=threads)
-    progress.log(f"perplexity on {len(splits.test)} test windows of {splits.test.x.shape[1]} tokens")
-    quality = score_windows({"model": gen.logits}, splits.test, resamples=resamples, seed=seed, progress=progress)["model"]
+    progress.log(f"perplexity on {len(splits.test)} test windows of {splits.test.x.shape[1]} tokens ({runtime})")
+    quality = score_windows({"model": generator.logits}, splits.test, resamples=resamples, seed=seed,
+                            progress=progress)["model"]
     prompt = splits.test.x[0]
     new_tokens = max(2, min(new_tokens, loaded.lm.context_length - len(prompt)))  # stay inside the context
     progress.log(f"greedy generation: {len(prompt)}-token prompt, {new_tokens} new tokens, {repeats} rounds")
     with _PeakSampler() as sampler:
-        speed = time_generation({"model": gen}, prompt, new_tokens=new_tokens, rounds=repeats, resamples=resamples,
-                                seed=seed, progress=progress)["model"]
+        speed = time_generation({"model": generator}, prompt, new_tokens=new_tokens, rounds=repeats,
+                                resamples=resamples, seed=seed, progress=progress)["model"]
     context = int(splits.test.x.shape[1])
     return {
-        "runtime": "torch",
+        "runtime": runtime,
+        "runtime_details": runtime_details(generator),
         "size_bytes": deployable_bytes(loaded),
         "params": int(sum(p.numel() for p in loaded.module.parameters())),  # tied tensors once
         "metrics": {"perplexity": quality["perplexity"]},
@@ -236,21 +248,18 @@ def assess_lm(loaded, splits, *, threads: int, repeats: int, seed: int, resample
     }
 
 
-def assess_lm_pair(baseline, compressed, splits, *, context_length: int, threads: int, repeats: int, seed: int,
+def assess_lm_pair(generators: dict[str, Any], splits, *, context_length: int, repeats: int, seed: int,
                    resamples: int, new_tokens: int = 128, progress: Progress = SILENT) -> dict[str, Any]:
-    """Baseline and compressed causal LMs (PyTorch modules) measured together: perplexity of both on
-    the test windows, KL and top-1 agreement of the compressed against the baseline, and
-    interleaved generation timing (ratios per round). Returns ``{"baseline", "compressed"}`` figures."""
-    import torch
-
-    torch.set_num_threads(threads)
-    gens = {"baseline": TorchGenerator(baseline, threads), "compressed": TorchGenerator(compressed, threads)}
+    """Baseline and compressed causal LMs (``{"baseline": g, "compressed": g}``, one runtime's loaded
+    models) measured together: perplexity of both on the test windows, KL and top-1 agreement of
+    the compressed against the baseline, and interleaved generation timing (ratios per round)."""
     progress.log(f"perplexity, KL and top-1 agreement on {len(splits.test)} test windows")
-    quality = score_windows({k: g.logits for k, g in gens.items()}, splits.test, resamples=resamples, seed=seed,
-                            progress=progress)
+    quality = score_windows({k: g.logits for k, g in generators.items()}, splits.test, resamples=resamples,
+                            seed=seed, progress=progress)
     prompt = splits.test.x[0]
     new_tokens = max(2, min(new_tokens, context_length - len(prompt)))
     progress.log(f"greedy generation, interleaved: {len(prompt)}-token prompt, {new_tokens} new tokens, {repeats} rounds")
-    speed = time_generation(gens, prompt, new_tokens=new_tokens, rounds=repeats, resamples=resamples, seed=seed,
+    speed = time_generation(generators, prompt, new_tokens=new_tokens, rounds=repeats, resamples=resamples, seed=seed,
                             progress=progress)
-    return {name: {"quality": quality[name], "generation": speed[name]} for name in gens}
+    return {name: {"quality": quality[name], "generation": speed[name], "runtime_details": runtime_details(g)}
+            for name, g in generators.items()}

@@ -204,6 +204,14 @@ def build_lm_bench_report(*, loaded, task, settings, splits, measurement: dict, 
 
 
 LM_REPORT_SCHEMA = "shrinkml.lm_report/1"
+_LM_MEASURED = {
+    "torch": "PyTorch eager on CPU, both models: the compressed model as loaded back from the written model.gguf"
+             " (its blocks dequantized), so quality is the file's; speed is PyTorch's with float weights, not"
+             " llama.cpp's",
+    "llamacpp": "llama.cpp on CPU (llama-cpp-python), both models from their GGUF files: the original .gguf and"
+                " the written model.gguf, each loaded on its own; quality from llama.cpp's logits (its kernels"
+                " quantize activations to 8 bits for quantized matrix products), speed with llama.cpp's kernels",
+}
 
 
 def build_lm_report(*, loaded, task, settings, splits, figures: dict, sizes: dict, budget, recipe, steps: list[dict],
@@ -228,10 +236,9 @@ def build_lm_report(*, loaded, task, settings, splits, figures: dict, sizes: dic
         "model": {**_model_section(loaded), "architecture": loaded.lm.architecture,
                   "gguf_file_type": loaded.lm.file_type, "tied_embeddings": loaded.lm.tied_embeddings},
         "task": {"name": task.name, "primary_metric": "perplexity"},
-        "runtime": {"name": settings.runtime, "threads": settings.threads,
-                    "measured": "PyTorch eager on CPU, both models: the compressed model as loaded back from"
-                    " the written model.gguf (its blocks dequantized), so quality is the file's; speed is"
-                    " PyTorch's with float weights, not llama.cpp's"},
+        "runtime": {"name": settings.runtime, "threads": settings.threads, "measured": _LM_MEASURED.get(
+                        settings.runtime, f"{settings.runtime}, both models, the compressed one from model.gguf"),
+                    "baseline": base.get("runtime_details"), "compressed": comp.get("runtime_details")},
         "data": {"source": splits.source, "seed": settings.seed, "splits": splits.sizes(),
                  "context_tokens": int(splits.test.x.shape[1]), "scored_tokens": bq["scored_tokens"],
                  "windows": "texts split by text first, then cut into windows; the test windows read only test texts"},

@@ -53,3 +53,28 @@ class Runtime(Protocol):
 
     def describe(self, runner: Runner) -> dict[str, Any]:
         """What the report must say about how ``runner`` computes (e.g. the precision it chose)."""
+
+
+class LMGenerator(Protocol):
+    """A loaded causal LM: logits of whole windows for scoring, timed greedy generation."""
+
+    def logits(self, ids: np.ndarray) -> Any:
+        """``(B, T)`` int64 token ids -> ``(B, T, V)`` logits (torch tensor or numpy array)."""
+
+    def generate(self, prompt: np.ndarray, new_tokens: int) -> Any:
+        """Greedy generation with the KV cache, timed (``shrinkml.measure.lm.Generation``)."""
+
+
+class LMRuntime(Protocol):
+    """A runtime that measures causal LMs (``--task perplexity``). ``causal_lm_only``: it measures
+    nothing else."""
+
+    name: str
+    causal_lm_only: bool
+
+    def check_lm(self, loaded: Any) -> None:
+        """Refuse (``InputError``), before any text is read, a model this runtime cannot measure."""
+
+    def lm_generator(self, *, loaded: Any = None, gguf_path: Path | None = None, threads: int, context: int,
+                     new_tokens: int) -> LMGenerator:
+        """The model to measure: ``loaded`` (the input) or the GGUF file at ``gguf_path``."""

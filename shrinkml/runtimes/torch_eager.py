@@ -26,6 +26,7 @@ class TorchEager:
 
     name = "torch"
     accepts = frozenset({"torch"})
+    causal_lm_only = False
     artifact_suffix = ".safetensors"
     artifact_format = "safetensors"
 
@@ -49,6 +50,19 @@ class TorchEager:
     def load_instruction(self, file_name: str) -> str:
         return (f"shrinkml.models.safetensors_io.load_state_dict({file_name!r}) into the factory's model"
                 " after fit_module_to_state_dict")
+
+    def check_lm(self, loaded) -> None:
+        """PyTorch measures every causal LM shrinkml loads."""
+
+    def lm_generator(self, *, loaded=None, gguf_path=None, threads: int, context: int, new_tokens: int):
+        """The input model as loaded, or a written GGUF loaded back on its own (what a user reads)."""
+        from shrinkml.measure.lm import TorchGenerator
+
+        if gguf_path is not None:
+            from shrinkml.models.causal_lm import load_gguf
+
+            loaded = load_gguf(gguf_path)
+        return TorchGenerator(loaded.module, threads=threads)
 
     def describe(self, runner: TorchRunner) -> dict:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in runner.module.parameters()})

@@ -630,6 +630,91 @@ def quantize_rtn(weight: Any, fmt: str | int | BlockFormat) -> BlockCodes:
 
 
 # ----------------------------------------------------------------------------------------------
+# Importance-weighted codes (llama.cpp's "imatrix" idea, searched over the stored fp16 scale)
+# ----------------------------------------------------------------------------------------------
+
+WEIGHTED_FORMATS = ("Q4_0", "Q5_0", "Q8_0")  # symmetric 32-weight blocks with one fp16 scale
+_SCALE_STEPS = np.linspace(-1.0, 1.0, 21, dtype=_F32)  # trial scales: max / -(half + step)
+
+
+def _symmetric_range(f: BlockFormat) -> tuple[int, int, int]:
+    """(lowest signed code, highest signed code, offset) of a symmetric 32-weight format."""
+    if f.name == "Q8_0":
+        return -128, 127, 0
+    half = 1 << (f.bits - 1)
+    return -half, half - 1, half
+
+
+def _weighted_error(x: np.ndarray, w: np.ndarray, d16: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, error) of blocks ``x`` (rows, nb, 32) at stored scales ``d16`` (float32 values of
+    fp16 scales): codes round ``x / d`` to nearest within ``[lo, hi]``; error ``sum w (x - d q)^2``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint(x / d16[..., None]), lo, hi)
+    q[np.broadcast_to(d16[..., None] == 0, q.shape)] = 0
+    diff = x - d16[..., None] * q
+    return q, (w * diff * diff).sum(-1, dtype=np.float64)
+
+
+def quantize_weighted(weight: Any, fmt: str | int | BlockFormat, importance: Any, *, rows_per_chunk: int = 4096) -> BlockCodes:
+    """Codes of a ``(rows, cols)`` weight in a symmetric 32-weight format (Q4_0, Q5_0, Q8_0) that
+    minimize, block by block, the importance-weighted squared error ``sum_j imp_j (w_j - d q_j)^2``
+    with the scale ``d`` as stored (fp16), rather than the error of each weight alike.
+
+    ``importance``: per column ``(cols,)`` (the mean squared input each column multiplies, as
+    llama.cpp's importance matrix holds it) or per weight ``(rows, cols)``; non-negative. Trial
+    scales: the reference quantizer's own (so no block is ever worse than round to nearest by this
+    measure), ``max / -(half + s)`` for 21 steps ``s`` in [-1, 1], and for each trial the weighted
+    least-squares refit of the scale to its codes; every trial is rounded to fp16 before it is
+    scored. A row whose importances are all zero falls back to uniform weights."""
+    f = block_format(fmt)
+    if f.name not in WEIGHTED_FORMATS:
+        raise ValueError(f"importance-weighted codes are written for {', '.join(WEIGHTED_FORMATS)}, not {f.name}")
+    x = _weight_2d(weight, f)
+    rows, cols = x.shape
+    imp = np.asarray(importance, dtype=_F32)
+    if imp.shape == (cols,):
+        imp = np.broadcast_to(imp, (rows, cols))
+    if imp.shape != (rows, cols) or not np.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"importance must be finite, non-negative, of shape ({cols},) or ({rows}, {cols});"
+                         f" found shape {np.shape(importance)}")
+    reference = quantize_rtn(x, f)
+    lo, hi, offset = _symmetric_range(f)
+    codes = np.empty((rows, cols), dtype=np.int16)
+    scales = np.empty((rows, cols // 32), dtype=_F16)
+    for r0 in range(0, rows, rows_per_chunk):
+        r1 = min(rows, r0 + rows_per_chunk)
+        b = x[r0:r1].reshape(r1 - r0, -1, 32)
+        w = np.array(imp[r0:r1], dtype=_F32)
+        flat = w.sum(-1) <= 0
+        w[flat] = 1.0
+        w = w.reshape(b.shape)
+        d_ref = reference.d[r0:r1].astype(_F32)
+        best_q, best_err = _weighted_error(b, w, d_ref, lo, hi)
+        best_d = d_ref.copy()
+        biggest = np.take_along_axis(b, np.abs(b).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        def keep(d, q, err) -> None:
+            nonlocal best_err, best_d, best_q
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_d = np.where(better, d, best_d)
+            best_q = np.where(better[..., None], q, best_q)
+
+        for step in _SCALE_STEPS:
+            d0 = (biggest / -(_F32(-lo) + step)).astype(_F16).astype(_F32)
+            q0, err0 = _weighted_error(b, w, d0, lo, hi)
+            keep(d0, q0, err0)
+            wq = w * q0
+            den = (wq * q0).sum(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                refit = np.where(den > 0, (wq * b).sum(-1) / den, 0).astype(_F16).astype(_F32)
+            keep(refit, *_weighted_error(b, w, refit, lo, hi))
+        codes[r0:r1] = best_q.reshape(r1 - r0, cols).astype(np.int16) + offset
+        scales[r0:r1] = best_d.astype(_F16)
+    dtype = np.int8 if f.code_min < 0 else np.uint8
+    return BlockCodes(f, codes.astype(dtype), scales)
+
+
+# ----------------------------------------------------------------------------------------------
 # Codes a quantizer chose: per-group scales and zero points to stored parameters
 # ----------------------------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 The texts (``.txt`` lines, ``.jsonl`` ``"text"`` fields, ``builtin:prose``) are divided into the
 calibration / fine-tune / validation / test splits FIRST, by text, with the run's seed; only then is
 each split joined into one stream, tokenized once, and cut into windows of ``context`` tokens that
-advance by ``stride``. Overlapping windows therefore never carry test text into calibration.
+advance by ``stride``. Overlapping windows therefore never carry test text into calibration. No
+causal-LM step fine-tunes in this version, so the fine-tune share of the texts calibrates: the
+calibration windows read the calibration and fine-tune texts, and the fine-tune split is empty.
 
 Each window is one example: ``x`` holds its ``context`` token ids, ``y`` the position of its first
 scored target (the sliding-window perplexity of Hugging Face's guide: the first window scores every
@@ -84,7 +86,12 @@ def lm_splits(texts: list[str], encoding: LMEncoding, *, seed: int, fractions: S
     order = np.arange(len(texts))
     cut = make_splits(ArrayData(order[:, None]), seed=seed, fractions=fractions, source=source)
     parts = {}
-    for name, part in cut.named():
+    named = dict(cut.named())
+    tune = named.pop("fine-tune", None)
+    if tune is not None and len(tune):  # no causal-LM step fine-tunes: its texts calibrate
+        named["calibration"] = ArrayData(np.concatenate([named["calibration"].x, tune.x]))
+    named["fine-tune"] = ArrayData(np.zeros((0, 1), dtype=np.int64))
+    for name, part in named.items():
         chosen = sorted(int(i) for i in part.x[:, 0])  # the texts in their own order: a stream reads on
         ids = _tokenize_stream(encoding.tokenizer, [texts[i] for i in chosen]) if chosen else []
         x, first = windows(ids, context=context, stride=stride)

@@ -43,23 +43,45 @@ class QuantizeGGUFConfig(StepConfig):
     embedding_format: BlockFormatName = Field(
         "Q8_0", description="block format of the token embedding table (also the output head when tied)")
     output_format: BlockFormatName = Field("Q6_K", description="block format of an untied lm_head")
-    method: Literal["rtn", "gptq"] = Field(
-        "rtn", description="rtn: llama.cpp's round to nearest; gptq: error-compensating codes from the"
-        " calibration windows (Linear weights in Q4_0 or Q8_0; embeddings stay round to nearest)",
-        json_schema_extra=searchable(choices=("rtn", "gptq")))
+    method: Literal["rtn", "imatrix", "gptq"] = Field(
+        "rtn", description="rtn: llama.cpp's round to nearest; imatrix: each block's fp16 scale searched to"
+        " minimize the error weighted by the mean squared input of its columns on the calibration windows"
+        " (Q4_0, Q5_0, Q8_0; other formats round to nearest); gptq: error-compensating codes from the"
+        " calibration windows (Linear weights in Q4_0 or Q8_0; embeddings imatrix)",
+        json_schema_extra=searchable(choices=("rtn", "imatrix", "gptq")))
     calibration_windows: int = Field(32, ge=1, le=4096, description="gptq: calibration windows whose inputs make the Hessians")
     promote: int = Field(0, ge=0, le=100_000, description="how many of the most sensitive Linear weights take promote_format")
     promote_format: BlockFormatName = Field("Q8_0", description="the block format of the promoted weights")
     sensitivity_windows: int = Field(
         1, ge=1, le=256, description="calibration windows that measure each weight's sensitivity (one forward pass"
         " of them per Linear weight)")
+    bits_per_weight: float | None = Field(
+        None, ge=4.0, le=9.0, description="a size budget: every quantized tensor (the embedding included) takes"
+        " one of candidate_formats so that the mean stored bits per weight stay within this, chosen to"
+        " minimize the next-token KL measured tensor by tensor (format and embedding_format are then unused)")
+    candidate_formats: tuple[BlockFormatName, ...] = Field(
+        ("Q4_0", "Q5_0", "Q8_0"), min_length=1, description="bits_per_weight: the formats a tensor may take")
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
 
     @model_validator(mode="after")
     def _gptq_formats(self) -> QuantizeGGUFConfig:
         if self.method == "gptq" and self.format not in GPTQ_FORMATS:
             raise ValueError(f"method gptq writes {' or '.join(GPTQ_FORMATS)} codes (one fp16 scale per 32 weights,"
-                             f" symmetric); format {self.format} needs method rtn")
+                             f" symmetric); format {self.format} needs method rtn or imatrix")
+        if self.bits_per_weight is not None:
+            from shrinkml.formats.gguf_blocks import block_format
+
+            if self.promote:
+                raise ValueError("bits_per_weight chooses every tensor's format; promote chooses some: use one")
+            if self.method == "gptq":
+                raise ValueError("bits_per_weight is measured with method rtn or imatrix in this version, not gptq")
+            cheapest = min(block_format(f).bits_per_weight for f in self.candidate_formats)
+            if self.bits_per_weight < cheapest:
+                raise ValueError(f"bits_per_weight {self.bits_per_weight} is below the cheapest candidate format"
+                                 f" ({cheapest} bits per weight)")
+            if any(block_format(f).super_block for f in self.candidate_formats):
+                raise ValueError("candidate_formats are 32-weight block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) in this"
+                                 " version: K-quants need rows of 256 weights")
         return self
 
 
@@ -146,23 +168,22 @@ def _kl_to(reference, logits) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def sensitivities(model, targets: list[tuple[str, Any, str]], formats: dict[str, str], windows) -> dict[str, float]:
-    """Per Linear weight: the mean next-token KL against the float model on ``windows`` when that
-    weight alone is round-to-nearest quantized to its format (the others stay float)."""
+def sensitivities(model, targets: list[tuple[str, Any, str]], quantized, windows, *,
+                  include_embedding: bool = False) -> dict[str, float]:
+    """Per weight: the mean next-token KL against the float model on ``windows`` when that weight
+    alone takes the values ``quantized(name)`` (the others stay float). The embedding only with
+    ``include_embedding`` (tied to the output head, it moves both)."""
     import torch
-
-    from shrinkml.formats import gguf_blocks as gb
 
     ids = torch.as_tensor(windows, dtype=torch.long)
     with torch.inference_mode():
         reference = model(input_ids=ids, use_cache=False).logits
         out = {}
         for name, param, role in targets:
-            if role == "embedding":
+            if role == "embedding" and not include_embedding:
                 continue
             saved = param.detach().clone()
-            w = saved.float().numpy()
-            param.copy_(torch.from_numpy(gb.dequantize(gb.quantize_rtn(w, formats[name]))).to(param.dtype))
+            param.copy_(torch.from_numpy(quantized(name)).to(param.dtype))
             out[name] = _kl_to(reference, model(input_ids=ids, use_cache=False).logits)
             param.copy_(saved)
     return out
@@ -183,34 +204,120 @@ def _formats(targets, config: QuantizeGGUFConfig) -> tuple[dict[str, str], list[
     return formats, fallbacks
 
 
+def allocate(options: dict[str, list[tuple[int, float, str]]], budget_bytes: float) -> tuple[dict[str, str], float]:
+    """Choose one option ``(bytes, estimated KL, format)`` per tensor, minimizing the summed KL with
+    the summed bytes within ``budget_bytes``: every tensor starts at its smallest option, then the
+    upgrades with the most KL saved per byte (on each tensor's lower convex hull, so a tensor's
+    upgrades come in order) are taken while they fit. Returns (format by tensor, bytes used)."""
+    choice: dict[str, int] = {}
+    steps: list[tuple[float, str, int, int]] = []  # (KL saved per byte, tensor, from index, to index)
+    hulls: dict[str, list[tuple[int, float, str]]] = {}
+    used = 0.0
+    for name, opts in options.items():
+        pts = sorted(opts)
+        hull: list[tuple[int, float, str]] = []
+        for b, k, f in pts:  # monotone chain: keep points that lower the KL at a falling rate per byte
+            if hull and k >= hull[-1][1]:
+                continue
+            while len(hull) >= 2:
+                (b1, k1, _), (b2, k2, _) = hull[-2], hull[-1]
+                if (k1 - k2) * (b - b2) <= (k2 - k) * (b2 - b1):  # the middle point is not below the chord
+                    hull.pop()
+                else:
+                    break
+            hull.append((b, k, f))
+        hulls[name] = hull
+        choice[name] = 0
+        used += hull[0][0]
+        for i in range(1, len(hull)):
+            steps.append(((hull[i - 1][1] - hull[i][1]) / max(hull[i][0] - hull[i - 1][0], 1), name, i - 1, i))
+    if used > budget_bytes:
+        raise ValueError(f"the smallest formats take {used:,.0f} bytes, over the budget of {budget_bytes:,.0f}")
+    steps.sort(key=lambda t: -t[0])
+    blocked: set[str] = set()
+    for _, name, i, j in steps:
+        if name in blocked or choice[name] != i:
+            continue
+        extra = hulls[name][j][0] - hulls[name][i][0]
+        if used + extra <= budget_bytes:
+            choice[name] = j
+            used += extra
+        else:
+            blocked.add(name)  # its later upgrades would skip this one
+    return {name: hulls[name][i][2] for name, i in choice.items()}, used
+
+
+def _importance(hessians: dict[str, Any], owner: dict[str, str], tokens: int) -> dict[str, Any]:
+    """Mean squared input of every column (the diagonal of each input Gram matrix over the tokens),
+    by module name: what llama.cpp's importance matrix holds."""
+    out = {}
+    for name, own in owner.items():
+        h = hessians[own].hessian()
+        out[name] = (h.diagonal().double() / max(float(tokens), 1.0)).float().numpy()
+    return out
+
+
 def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Quantize ``model``'s weights in place (their values become the dequantized codes); return
-    ``(codes by Hugging Face name, summary)``. ``calibration``: token windows for ``gptq``."""
+    ``(codes by Hugging Face name, summary)``. ``calibration``: token windows (``imatrix``, ``gptq``,
+    ``promote`` and ``bits_per_weight`` read them)."""
     import numpy as np
     import torch
 
     from shrinkml.formats import gguf_blocks as gb
 
-    targets = _targets(model)
-    formats, fallbacks = _formats(targets, config)
-    promoted: list[dict[str, Any]] = []
-    if config.promote:
+    def log(msg: str) -> None:
         if progress is not None:
-            progress.log(f"quantize.gguf: measuring the sensitivity of {len(targets) - 1} weights on"
-                         f" {min(config.sensitivity_windows, len(calibration))} calibration windows")
-        kl = sensitivities(model, targets, formats, calibration[: config.sensitivity_windows])
-        promote_fmt = config.promote_format
-        widths = {n: p.shape[1] for n, p, _ in targets}
-        for name in sorted(kl, key=kl.get, reverse=True)[: config.promote]:
-            fmt = promote_fmt if gb.fits(promote_fmt, widths[name]) else gb.LLAMA_CPP_FALLBACK.get(promote_fmt, "Q8_0")
-            promoted.append({"tensor": name, "kl_alone": round(kl[name], 6), "from": formats[name], "to": fmt})
-            formats[name] = fmt
+            progress.log(f"quantize.gguf: {msg}")
+
+    targets = _targets(model)
+    params = {n: p for n, p, _ in targets}
+    formats, fallbacks = _formats(targets, config)
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
     hessians: dict[str, Any] = {}
     owner: dict[str, str] = {}
     calib_tokens = 0
-    if config.method == "gptq":
+    importance: dict[str, Any] = {}
+    if config.method in ("imatrix", "gptq"):
         linear = [name.removesuffix(".weight") for name, _, role in targets if role != "embedding"]
-        hessians, owner, calib_tokens = calibration_hessians(model, calibration[: config.calibration_windows], linear)
+        head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()] if tied else []
+        log(f"input statistics of {len(linear) + len(head)} weights on {min(config.calibration_windows, len(calibration))}"
+            " calibration windows")
+        hessians, owner, calib_tokens = calibration_hessians(model, calibration[: config.calibration_windows], linear + head)
+        by_module = _importance(hessians, owner, calib_tokens)
+        importance = {f"{m}.weight": v for m, v in by_module.items() if f"{m}.weight" in params}
+        if head and head[0] in by_module:  # the tied table is also the output head: its columns meet the final hidden state
+            importance["model.embed_tokens.weight"] = by_module[head[0]]
+
+    cache: dict[tuple[str, str], Any] = {}
+
+    def codes_of(name: str, fmt: str):
+        key = (name, fmt)
+        if key not in cache:
+            w = params[name].detach().float().cpu().numpy()
+            if config.method != "rtn" and name in importance and fmt in gb.WEIGHTED_FORMATS:
+                cache[key] = gb.quantize_weighted(w, fmt, importance[name])
+            else:
+                cache[key] = gb.quantize_rtn(w, fmt)
+        return cache[key]
+
+    promoted: list[dict[str, Any]] = []
+    allocation: dict[str, Any] | None = None
+    n_sens = min(config.sensitivity_windows, len(calibration)) if calibration is not None else 0
+    if config.promote:
+        log(f"measuring the sensitivity of {len(targets) - 1} weights on {n_sens} calibration windows")
+        kl = sensitivities(model, targets, lambda n: gb.dequantize(codes_of(n, formats[n])), calibration[:n_sens])
+        promote_fmt = config.promote_format
+        for name in sorted(kl, key=kl.get, reverse=True)[: config.promote]:
+            width = params[name].shape[1]
+            fmt = promote_fmt if gb.fits(promote_fmt, width) else gb.LLAMA_CPP_FALLBACK.get(promote_fmt, "Q8_0")
+            promoted.append({"tensor": name, "kl_alone": round(kl[name], 6), "from": formats[name], "to": fmt})
+            formats[name] = fmt
+    if config.bits_per_weight is not None:
+        allocation = _allocate_formats(model, targets, config, codes_of, importance, calibration[:n_sens], log)
+        formats.update(allocation.pop("formats"))
+        fallbacks = []
 
     codes: dict[str, Any] = {}
     counts: dict[str, int] = {}
@@ -228,10 +335,10 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
                               group_size=32, symmetric=True, damp=config.damp, params=_fp16_params)
             c = gb.from_group_params(g.codes.numpy(), g.scales.numpy(), None, fmt, bits=_GPTQ_BITS[fmt])
             gptq_done += 1
-            if progress is not None and gptq_done % 30 == 0:
-                progress.log(f"quantize.gguf: GPTQ {gptq_done} Linear weights done")
+            if gptq_done % 30 == 0:
+                log(f"GPTQ {gptq_done} Linear weights done")
         else:
-            c = gb.quantize_rtn(w, fmt)
+            c = codes_of(name, fmt)
         deq = gb.dequantize(c)
         with torch.no_grad():
             param.copy_(torch.from_numpy(deq).to(param.dtype))
@@ -241,19 +348,81 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
         weights += w.size
         err_num += float(np.square(w - deq, dtype=np.float64).sum())
         err_den += float(np.square(w, dtype=np.float64).sum())
+    method = {"rtn": "rtn (llama.cpp's reference quantizers)",
+              "imatrix": f"imatrix: fp16 scales searched for the error weighted by the mean squared input of each"
+                         f" column ({calib_tokens:,} calibration tokens)",
+              "gptq": f"gptq on {gptq_done} Linear weights ({calib_tokens:,} calibration tokens), imatrix on the rest"}
     summary = {
         "tensors": len(codes), "formats": counts, "weights": int(weights), "stored_bytes": int(stored),
         "bits_per_weight": round(8.0 * stored / max(weights, 1), 3),
         "weight_sqnr_db": round(10.0 * float(np.log10(err_den / err_num)), 2) if err_num > 0 else None,
         "fallbacks": fallbacks,
         "promoted": promoted,  # the most sensitive weights, by next-token KL when quantized alone
-        "method": "rtn (llama.cpp's reference quantizers)" if config.method == "rtn" else
-        f"gptq on {gptq_done} Linear weights ({calib_tokens:,} calibration tokens), rtn on the rest",
+        "method": method[config.method],
     }
+    if allocation is not None:
+        summary["allocation"] = allocation
     return codes, summary
 
 
-# measured on PyTorch (the dequantized weights) until a llama.cpp runtime measures the GGUF itself
+def _allocate_formats(model, targets, config: QuantizeGGUFConfig, codes_of, importance, windows, log) -> dict[str, Any]:
+    """``bits_per_weight``: measure each tensor's KL alone in its cheapest candidate format, estimate
+    the others' by their (importance-weighted) squared error relative to it, and allocate."""
+    import numpy as np
+
+    from shrinkml.formats import gguf_blocks as gb
+
+    cands = sorted(set(config.candidate_formats), key=lambda f: gb.block_format(f).bits_per_weight)
+    params = {n: p for n, p, _ in targets}
+    cheapest = {}
+    for name, param, _ in targets:
+        fits = [f for f in cands if gb.fits(f, param.shape[1])]
+        if not fits:
+            raise ValueError(f"{name} is {param.shape[1]} wide: none of {cands} fits it")
+        cheapest[name] = fits[0]
+    log(f"bits_per_weight {config.bits_per_weight}: the KL of each of {len(targets)} tensors alone in"
+        f" {'/'.join(sorted(set(cheapest.values())))}, on {len(windows)} calibration windows")
+    kl = sensitivities(model, targets, lambda n: gb.dequantize(codes_of(n, cheapest[n])), windows, include_embedding=True)
+
+    def error(name: str, fmt: str) -> float:
+        w = params[name].detach().float().cpu().numpy()
+        diff = np.square(w - gb.dequantize(codes_of(name, fmt)), dtype=np.float64)
+        imp = importance.get(name)
+        return float((diff * imp[None, :]).sum() if imp is not None else diff.sum())
+
+    options: dict[str, list[tuple[int, float, str]]] = {}
+    weights = 0
+    for name, param, _ in targets:
+        rows, cols = param.shape
+        weights += rows * cols
+        base = error(name, cheapest[name])
+        opts = []
+        for fmt in cands:
+            if not gb.fits(fmt, cols):
+                continue
+            ratio = error(name, fmt) / base if base > 0 else 0.0
+            opts.append((gb.packed_nbytes(fmt, rows, cols), kl[name] * ratio, fmt))
+        options[name] = opts
+    budget = config.bits_per_weight * weights / 8.0
+    chosen, used = allocate(options, budget)
+    est = {name: next(k for b, k, f in options[name] if f == chosen[name]) for name in chosen}
+    upgraded = sorted((n for n in chosen if chosen[n] != cheapest[n]), key=lambda n: -kl[n])
+    return {
+        "formats": chosen,
+        "budget_bits_per_weight": config.bits_per_weight,
+        "bits_per_weight": round(8.0 * used / weights, 4),
+        "estimated_kl_sum": round(float(sum(est.values())), 6),
+        "kl_alone_cheapest_sum": round(float(sum(kl.values())), 6),
+        "tensors_by_format": {f: sum(1 for v in chosen.values() if v == f) for f in cands},
+        "upgraded": [{"tensor": n, "kl_alone": round(kl[n], 6), "format": chosen[n]} for n in upgraded],
+        "rule": "KL of each tensor alone in its cheapest candidate format measured; other formats estimated"
+                " by their squared error (weighted by input importance with imatrix) relative to it; the"
+                " upgrades saving the most KL per byte taken while the budget allows",
+    }
+
+
+# the state is a PyTorch model holding the dequantized codes (what --runtime torch measures); the GGUF the
+# pipeline writes from its codes is what --runtime llamacpp measures
 @register("quantize.gguf", QuantizeGGUFConfig, accepts=("torch",), runtime="torch", stage="quantize", applies=_applies)
 def apply(state: ModelState, config: QuantizeGGUFConfig, ctx: StepContext) -> StepResult:
     import copy
@@ -271,13 +440,14 @@ def apply(state: ModelState, config: QuantizeGGUFConfig, ctx: StepContext) -> St
         model.tie_weights()  # a deep copy keeps the tie, but say so for every transformers version
     ctx.progress.log(f"quantize.gguf: {config.format} weights ({config.method}), {config.embedding_format} embeddings")
     calibration = None
-    if config.method == "gptq" or config.promote:
+    if config.method != "rtn" or config.promote or config.bits_per_weight is not None:
         calibration = ctx.splits.calibration.x
         if not len(calibration):
             from shrinkml.errors import InputError
 
-            raise InputError("quantize.gguf with method gptq or promote needs calibration windows, and the split"
-                             " has none", where="quantize.gguf", fix="give more text, or use method rtn and promote 0")
+            raise InputError("quantize.gguf with method imatrix or gptq, promote or bits_per_weight needs calibration"
+                             " windows, and the split has none", where="quantize.gguf",
+                             fix="give more text, or use method rtn, promote 0 and no bits_per_weight")
     codes, summary = quantize_model(model, config, calibration, ctx.progress)
     new = ModelState("torch", torch_model=model.eval(), weight_codes=codes)
     return StepResult(new, summary)

@@ -197,6 +197,7 @@ def test_search_refuses_a_causal_lm_in_so_many_words(tiny_llama_dir, tiny_texts,
 
 
 def test_promote_gives_the_most_sensitive_weights_the_higher_format(tiny_llama_dir, tiny_texts):
+    from shrinkml.formats import gguf_blocks as gb
     from shrinkml.techniques.quantize_gguf import QuantizeGGUFConfig, _formats, _targets, quantize_model, sensitivities
 
     loaded = load_model(str(tiny_llama_dir))
@@ -207,7 +208,10 @@ def test_promote_gives_the_most_sensitive_weights_the_higher_format(tiny_llama_d
     model = copy.deepcopy(loaded.module)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     targets = _targets(model)
-    kl = sensitivities(model, targets, _formats(targets, config)[0], calib[:4])
+    formats = _formats(targets, config)[0]
+    params = {n: p for n, p, _ in targets}
+    kl = sensitivities(model, targets, lambda n: gb.dequantize(gb.quantize_rtn(params[n].detach().numpy(), formats[n])),
+                       calib[:4])
     assert len(kl) == len(targets) - 1 and min(kl.values()) > 0
     # measuring sensitivity put every weight back as it was
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -4,8 +4,9 @@ In the spirit of scikit-learn's ``check_estimator``: the cases come from
 ``shrinkml.techniques.base.registry()``, so a new technique is checked here without a line of test.
 Each technique runs with its default config (``CONFIG_OVERRIDES`` only where a default needs a
 required field or is too slow for a test) once for every model kind it declares in ``accepts`` and
-every model family it fits (a tiny CNN, a tiny BERT), and again for every config field that can be
-set to ``"auto"`` (a step that searches on data). Every run must:
+every model family it fits (a tiny CNN, a tiny BERT, a tiny Llama), and again for every config
+field that can be set to ``"auto"`` (a step that searches on data) and every ``DATA_VARIANTS``
+entry (a config whose path reads data the default's does not). Every run must:
 
 1. leave its inputs as they were: the model state, the teacher, the example input and the splits;
 2. never touch the test split (it is a recorder here that notes every use);
@@ -19,7 +20,7 @@ set to ``"auto"`` (a step that searches on data). Every run must:
    second run on a copy of the input, whatever the global random generators hold.
 
 The only per-technique knowledge is which model family fits (``NEEDS_TEXT_ENCODER``,
-``NOT_FOR_TEXT_ENCODER``, ``NEEDS_CAUSAL_LM``: a tiny Llama) and ``CONFIG_OVERRIDES``. A failing case is a bug in the technique: fix
+``NOT_FOR_TEXT_ENCODER``, ``NEEDS_CAUSAL_LM``: a tiny Llama), ``CONFIG_OVERRIDES`` and ``DATA_VARIANTS``. A failing case is a bug in the technique: fix
 it there (this suite found quantize.half and quantize.qat casting token ids to float32).
 """
 
@@ -139,6 +140,16 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 
+# Variants whose path reads data where the default's does not (calibration statistics, measured
+# sensitivities): run on the technique's first family, like the "auto" variants, by name.
+DATA_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "quantize.gguf": {
+        "imatrix-budget": {"method": "imatrix", "bits_per_weight": 5.0, "calibration_windows": 2, "sensitivity_windows": 1},
+        "gptq-promote": {"method": "gptq", "promote": 2, "calibration_windows": 2, "sensitivity_windows": 1},
+    },
+}
+
+
 def subjects_for(name: str) -> tuple[Subject, ...]:
     if name in NEEDS_CAUSAL_LM:
         return (LLAMA,)
@@ -177,15 +188,19 @@ class Case:
     kind: str  # the kind of the input model
     subject: str  # the model family (SUBJECTS)
     auto: str | None = None  # a config field set to "auto"
+    variant: str | None = None  # a DATA_VARIANTS entry
 
     @property
     def id(self) -> str:
-        return f"{self.technique}-{self.kind}-{self.subject}" + (f"-{self.auto}=auto" if self.auto else "")
+        return (f"{self.technique}-{self.kind}-{self.subject}" + (f"-{self.auto}=auto" if self.auto else "")
+                + (f"-{self.variant}" if self.variant else ""))
 
     def config(self) -> StepConfig:
         config = default_config(self.technique)
         if self.auto:
             config = config.model_validate({**config.model_dump(), self.auto: "auto"})
+        if self.variant:
+            config = config.model_validate({**config.model_dump(), **DATA_VARIANTS[self.technique][self.variant]})
         return config
 
 
@@ -198,6 +213,9 @@ CASES = [
     for i, subject in enumerate(subjects_for(name))
     for kind in sorted(TECHNIQUES[name].accepts, reverse=True)[: None if i == 0 else 1]  # torch first
     for auto in [None, *(search_fields(name) if i == 0 else [])]
+] + [
+    Case(name, sorted(TECHNIQUES[name].accepts, reverse=True)[0], subjects_for(name)[0].name, variant=variant)
+    for name in sorted(DATA_VARIANTS) for variant in DATA_VARIANTS[name]
 ]
 
 def cases() -> list[Any]:
@@ -431,6 +449,7 @@ def test_the_registry_is_covered():
         assert technique.accepts <= {"torch", "onnx"}, f"{name}: unknown kinds in accepts {technique.accepts}"
         assert technique.produces in (None, "torch", "onnx"), f"{name}: unknown produces {technique.produces!r}"
     assert set(CONFIG_OVERRIDES) <= set(TECHNIQUES), "CONFIG_OVERRIDES names unregistered techniques"
+    assert set(DATA_VARIANTS) <= set(TECHNIQUES), "DATA_VARIANTS names unregistered techniques"
     for table in ("NEEDS_TEXT_ENCODER", "NOT_FOR_TEXT_ENCODER", "NEEDS_CAUSAL_LM"):
         assert globals()[table] <= set(TECHNIQUES), f"{table} names unregistered techniques"
 

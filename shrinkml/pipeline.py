@@ -362,13 +362,12 @@ class Pipeline:
         from shrinkml.measure.lm import assess_lm_pair, deployable_bytes
         from shrinkml.packaging.gguf_out import write_lm_gguf
         from shrinkml.report.build import build_lm_report
-        from shrinkml.techniques.base import registry
+        from shrinkml.techniques.base import lm_refusal, registry
 
         p, s = self.prepared, self.settings
         techniques = registry()
         for i, step in enumerate(recipe.steps):
-            applies = techniques[step.technique].applies
-            why = applies(p.loaded) if applies is not None else "it is no step for causal language models"
+            why = lm_refusal(techniques[step.technique], p.loaded)
             if why:
                 raise InputError(f"{step.technique} cannot take this model: {why}", where=f"steps[{i}]",
                                  fix="use quantize.gguf for a causal LM loaded from a .gguf file")

@@ -138,8 +138,14 @@ class _Session:
                                  where=request.space or "search space")
         self.objectives = request.chosen_objectives()
         workdir.mkdir(parents=True, exist_ok=True)
-        self.evaluator = TrialEvaluator(self.pipe, request.targets(), self.objectives,
-                                        cache_size=6 if request.cache else 0, pruning=request.pruning, workdir=workdir)
+        if self.pipe.prepared.task.causal_lm:
+            from shrinkml.recipe_search.lm_trial import LMTrialEvaluator
+
+            self.evaluator = LMTrialEvaluator(self.pipe, request.targets(), self.objectives,
+                                              cache_size=2 if request.cache else 0, workdir=workdir)
+        else:
+            self.evaluator = TrialEvaluator(self.pipe, request.targets(), self.objectives,
+                                            cache_size=6 if request.cache else 0, pruning=request.pruning, workdir=workdir)
         self.store = st.storage(journal, request.storage)
         directions = [OBJECTIVES[o] for o in self.objectives]
         sampler = st.sampler(request.sampler, request.settings.seed + worker, request.trials)
@@ -599,6 +605,14 @@ def _finish(session: _Session, best_dir: Path, *, duration: float, lost: int, tr
         pipe = Pipeline(replace(session.pipe.prepared, settings=final_settings), session.progress)
     capture = _capture(best_dir)
     final, _, files = pipe.run(steps, folder=capture, budget=r.budget)
+    if pipe.prepared.task.causal_lm:
+        from shrinkml.recipe_search.lm_trial import lm_test_figures
+
+        test, checks = lm_test_figures(final, r)
+        report["best"] = {"trial": best.number, "recipe": steps, "validation": dict(zip(objectives, best.values)),
+                          "test": test, "report": "best/report.json"}
+        report["met"] = all(checks.values())
+        return report, steps, capture.files
     key = "batch_1" if r.batch == 1 else "batch_n"
     comp = final["compressed"]
     checks = {"budget": bool(final["budget"]["met"])}

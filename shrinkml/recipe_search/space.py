@@ -159,6 +159,10 @@ def _why_not(technique, loaded, runtime_name: str) -> str | None:
     produces = technique.produces
     if produces is not None and produces not in runtime(runtime_name).accepts:
         return f"makes an {produces.upper()} model, which {runtime_name} cannot run"
+    if getattr(loaded, "lm", None) is not None:  # a causal LM: its steps write GGUF, which every LM runtime runs
+        from shrinkml.techniques.base import lm_refusal
+
+        return lm_refusal(technique, loaded)
     if technique.runtime is not None and technique.runtime != runtime_name:
         return f"its result runs only on {technique.runtime}, the search measures on {runtime_name}"
     if technique.name == "quantize.nncf" and runtime_name != "openvino":
@@ -276,4 +280,13 @@ def build_space(loaded, runtime_name: str, space_file: SpaceFile | None = None, 
     prefix = tuple(dict(step) for step in sf.prefix)
     if prefix:
         as_recipe([dict(s) for s in prefix])  # a bad prefix step is refused here, with the recipe's message
+    if not prefix and not any(c != NONE for cands in stages.values() for c in cands):
+        by_reason: dict[str, list[str]] = {}
+        for name, why in sorted(skipped.items()):
+            by_reason.setdefault(why, []).append(name)
+        reasons = "; ".join(f"{', '.join(names)}: {why}" for why, names in sorted(by_reason.items(), key=lambda kv: len(kv[1])))
+        raise InputError("no technique of the search space can take this model, so a search has nothing to try",
+                         where=where, found=reasons[:900] or "every technique excluded",
+                         fix="fix what the reasons name (a causal LM must come from a .gguf file for quantize.gguf),"
+                         " or widen the search space file")
     return Space(stages, {k: tuple(v) for k, v in params.items()}, prefix, skipped)

@@ -71,7 +71,8 @@ def search_document(report: dict) -> Document:
         goals.append(f"p50 latency <= {t['max_latency_ms']:g} ms at batch {t['batch']}")
     if t["min_throughput_per_s"] is not None:
         goals.append(f"throughput >= {t['min_throughput_per_s']:g}/s at batch {t['batch']}")
-    goals.append(f"{metric} drop <= {t['max_drop']:g} ({t['drop_type']}, 95% CI worst end)")
+    reads = report["baseline_validation"].get("budget_reads", f"{metric} drop")
+    goals.append(f"{reads} <= {t['max_drop']:g} ({t['drop_type']}, 95% CI worst end)")
     if best is None:
         verdict = Verdict(False, "No feasible recipe", f"none of {trials['finished']} trials met every target")
     else:
@@ -93,7 +94,7 @@ def search_document(report: dict) -> Document:
         items = [
             f"recipe: {_recipe_text(best['recipe'])}",
             f"size on disk: {_mb(test['size_bytes'])} ({_num(test['size_ratio'], 3)}x smaller than the baseline)",
-            f"p50 latency at batch {t['batch']}: {test['latency_ms_p50']:.3f} ms (95% CI "
+            f"p50 latency at batch {t['batch']}: {test['latency_ms_p50']:.3f} {test.get('latency_unit', 'ms')} (95% CI "
             f"{test['latency_ms_p50_ci95'][0]:.3f}-{test['latency_ms_p50_ci95'][1]:.3f}); speedup "
             f"{_num(speed.get('value'), 3)}x (95% CI {_num(speed['ci95'][0], 3)}-{_num(speed['ci95'][1], 3)})",
             f"{drop['metric']} drop on the test split: {drop['value']:.4f} (paired 95% CI {drop['ci95'][0]:.4f}"
@@ -125,7 +126,8 @@ def search_document(report: dict) -> Document:
         f"data: {report['data']['source']}, splits {json.dumps(report['data']['splits'])}; trials scored on the"
         " validation split, the best recipe re-measured on the test split only at the end",
         f"runtime: {report['runtime']['name']}, {report['runtime']['threads']} threads, batch {report['runtime']['batch']}",
-        f"baseline on validation: {_mb(base['size_bytes'])}, {base['latency_ms']:.3f} ms p50, {metric} {base['metric']:.4f}",
+        f"baseline on validation: {_mb(base['size_bytes'])}, {base['latency_ms']:.3f} {base.get('latency_unit', 'ms p50')},"
+        f" {metric} {base['metric']:.4f}",
         f"objectives: {', '.join(f'{k} ({v})' for k, v in report['objectives'].items())}; sampler {report['sampler']};"
         f" study {report['study']} in {report['storage']}",
         f"prefix cache: {'on' if report['cache']['enabled'] else 'off'}, {report['cache']['steps_reused']} steps reused,"

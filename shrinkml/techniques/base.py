@@ -54,6 +54,7 @@ class Technique:
     stage: str | None = None
     # (loaded model) -> None when the step can take that model, else why not (search spaces skip it)
     applies: Callable[[Any], str | None] | None = None
+    causal_lm: bool = False  # a step for causal LMs (their recipes hold only such steps)
 
     def search_params(self) -> dict[str, dict[str, Any]]:
         """The hyperparameters a search varies by default: field name -> ``searchable`` range."""
@@ -99,11 +100,13 @@ def register(
     runtime: str | None = None,
     stage: str | None = None,
     applies: Callable[[Any], str | None] | None = None,
+    causal_lm: bool = False,
 ) -> Callable[[ApplyFn], ApplyFn]:
     """Register ``apply`` as the handler of technique ``name`` configured by ``config_cls``.
 
     ``stage`` (one of ``STAGES``) lets ``shrinkml search`` place the step in a recipe, varying the
     config fields declared ``searchable``; ``applies(loaded)`` says why a model cannot take it.
+    ``causal_lm``: a step for causal language models (the only kind their recipes hold).
     """
 
     default = config_cls.model_fields["technique"].default
@@ -116,7 +119,7 @@ def register(
         if name in _REGISTRY:
             raise ValueError(f"technique {name!r} is registered twice")
         _REGISTRY[name] = Technique(name, config_cls, _keeping_inputs(fn), frozenset(accepts), produces, quantizer,
-                                    runtime, stage, applies)
+                                    runtime, stage, applies, causal_lm)
         return fn
 
     return decorator
@@ -151,3 +154,10 @@ def registry() -> dict[str, Technique]:
 
 def get_technique(name: str) -> Technique:
     return registry()[name]
+
+
+def lm_refusal(technique: Technique, loaded: Any) -> str | None:
+    """Why ``technique`` cannot be a step for the causal LM ``loaded`` (None: it can)."""
+    if not technique.causal_lm:
+        return "it is no step for causal language models"
+    return technique.applies(loaded) if technique.applies is not None else None

@@ -103,3 +103,40 @@ def test_compress_writes_a_gguf_that_holds_exactly_the_chosen_codes(prose_txt, t
     assert mem["fp32_model_bytes"] == 4 * 134_515_008
     summary = report["steps"][0]["summary"]
     assert summary["formats"] == {"Q8_0": 211} and 30 < summary["weight_sqnr_db"] < 60  # 8-bit blocks: ~40 dB
+
+
+def test_search_finds_a_gguf_recipe_under_a_perplexity_budget_and_checks_it_on_test(prose_txt, tmp_path):
+    """shrinkml search on the real model: quantize.gguf trials scored on the validation windows
+    (perplexity increase with its paired CI, size of the written GGUF, generation speed), the best
+    re-measured on the test windows by a full compress run that writes best/model.gguf."""
+    import json
+
+    from shrinkml.budget import Budget
+    from shrinkml.recipe_search import search
+    from shrinkml.settings import RunSettings
+
+    space = tmp_path / "space.yaml"
+    space.write_text("stages:\n  quantize: [quantize.gguf]\nparams:\n  quantize.gguf__format: {choices: [Q8_0, Q4_0]}\n"
+                     "  quantize.gguf__method: rtn\n")
+    out = tmp_path / "out"
+    settings = RunSettings(runtime="torch", threads=2, max_length=64, new_tokens=4, repeats=10)
+    result = search(str(GGUF), data=str(prose_txt), out=out, task="perplexity", max_size_bytes=160_000_000,
+                    budget=Budget(max_drop=0.05, drop_type="relative"), trials=3, space=space, settings=settings)
+    report = json.loads((out / "search.json").read_text())
+    assert report["space"]["stages"] == {"quantize": ["quantize.gguf"]}
+    trials = [t for t in report["all_trials"] if t["state"] == "complete"]
+    assert {t["recipe"][0]["format"] for t in trials} <= {"Q8_0", "Q4_0"} and trials
+    for t in trials:  # metric: minus the relative perplexity increase on validation; size: the written GGUF
+        assert t["values"]["metric"] == pytest.approx(-t["details"]["drop"], abs=1e-12)
+        assert t["details"]["drop_ci95"][0] <= t["details"]["drop"] <= t["details"]["drop_ci95"][1]
+        assert t["values"]["size"] in (144_811_072, 91_726_912)
+    base = report["baseline_validation"]
+    assert base["metric"] == 0.0 and base["size_bytes"] == GGUF.stat().st_size and base["latency_ms"] > 0
+    assert result.best_recipe == [{"technique": "quantize.gguf", "format": "Q8_0", "method": "rtn"}] or (
+        result.best_recipe and result.best_recipe[0]["format"] == "Q4_0")
+    best = report["best"]
+    assert best["test"]["latency_unit"] == "ms per generated token"
+    assert (out / "best" / "model.gguf").is_file() and (out / "best" / "report.json").is_file()
+    final = json.loads((out / "best" / "report.json").read_text())
+    assert final["schema"] == "shrinkml.lm_report/1" and best["test"]["targets_met"]["budget"] == final["budget"]["met"]
+    assert "search.md" in {p.name for p in out.iterdir()}

@@ -275,6 +275,40 @@ def _pct(v: dict) -> str:
     return f"{100 * v['value']:+.1f}% ({100 * v['ci95'][0]:+.1f} to {100 * v['ci95'][1]:+.1f})"
 
 
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, judged on the table: sizes in file bytes, increases at their paired CI's
+    worst end, speed by the median per-round generation ratio against llama.cpp's Q4_0."""
+    by = {r["label"]: r for r in rows}
+    q40, qkm, q80 = by["llama.cpp Q4_0"], by["llama.cpp Q4_K_M"], by["llama.cpp Q8_0"]
+    ours = [r for r in rows if r["label"].startswith("shrinkml") and "perplexity_increase" in r]
+
+    def hi(r):
+        return r["perplexity_increase"]["ci95"][1]
+
+    def not_slower(r):  # conservative: a median ratio under 1.0 counts as lower, even when its CI reaches 1.0
+        ratio = r["generation_ratio_to_llamacpp_q4_0"]
+        return ratio is None or ratio["value"] >= 1.0
+
+    def verdict(name, fits, cond, extra=None):
+        met = [r for r in ours if fits(r) and cond(r) and (extra is None or extra(r))]
+        best = min(met, key=hi) if met else None
+        return (f"- {name}: **met** by {best['label']} ({best['size_bytes']:,} bytes, increase CI worst end"
+                f" {100 * hi(best):+.1f}%)" if best else f"- {name}: **not met** by any shrinkml row")
+
+    half = q40["perplexity_increase"]["value"] / 2
+    return [
+        "Goals (sizes are file bytes; increases at the paired CI's worst end; speed not lower when the"
+        " median per-round ratio to llama.cpp's Q4_0 is at least 1.0):",
+        verdict(f"at most llama.cpp Q4_0's size ({q40['size_bytes']:,} B), at most half its increase"
+                f" ({100 * half:.1f}%), generation not slower", lambda r: r["size_bytes"] <= q40["size_bytes"],
+                lambda r: hi(r) <= half, not_slower),
+        verdict(f"at most Q4_K_M's size ({qkm['size_bytes']:,} B), increase <= 3%",
+                lambda r: r["size_bytes"] <= qkm["size_bytes"], lambda r: hi(r) <= 0.03),
+        verdict(f"INT8 within 0.5% at most Q8_0's size ({q80['size_bytes']:,} B)",
+                lambda r: r["size_bytes"] <= q80["size_bytes"] and "Q8_0" in r["label"], lambda r: hi(r) <= 0.005),
+    ]
+
+
 def render(result: dict) -> str:
     t = result["text"]
     lines = [
@@ -301,6 +335,7 @@ def render(result: dict) -> str:
         size = f"{r['size_bytes']:,}" if r["size_bytes"] else "—"
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "—"
         lines.append(f"| {r['label']} | {size} | {bpw} | {ppl} | {inc} | {kl} | {top} | {gen['value']:.1f} | {ratio_s} |")
+    lines += ["", *goals(result["rows"])]
     lines += ["", f"shrinkml's Q4_0 (rtn) file holds exactly llama.cpp's Q4_0 tensors (types and bytes): "
               f"{result['shrinkml_q4_0_rtn_tensors_identical_to_llamacpp_q4_0']}. PyTorch rows: speed only, eager, float weights."]
     return "\n".join(lines)

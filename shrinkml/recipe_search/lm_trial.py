@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from shrinkml.errors import InputError
-from shrinkml.recipe_search.trial import Outcome, PrefixCache, SealedData, Targets, TrialStopped
+from shrinkml.recipe_search.trial import Outcome, PrefixCache, SealedData, Targets, TrialStopped, apply_cached
 
 
 class LMTrialEvaluator:
@@ -91,30 +91,10 @@ class LMTrialEvaluator:
 
     # ------------------------------------------------------------------ a trial
     def apply(self, steps: list[dict]) -> tuple[Any, list[dict], dict[str, float]]:
-        from shrinkml.pipeline import _initial_state, _step_context
-        from shrinkml.recipe import as_recipe
-        from shrinkml.techniques.base import registry
-
-        p, s = self.pipe.prepared, self.pipe.settings
-        recipe = as_recipe([dict(step) for step in steps])
-        configs = [step.model_dump(mode="json") for step in recipe.steps]
-        cached, item = self.cache.longest(configs)
-        state, reports, saved = (item[0], list(item[1]), item[2]) if item else (_initial_state(p.loaded), [], 0.0)
-        self.last_seconds = {"saved_by_cache_s": round(saved, 3), "cached_steps": cached}
-        ctx = _step_context(p.loaded, self.splits, p.task, p.example, s, self.pipe.progress, self.workdir,
-                            self.targets.budget, teacher=False)
-        techniques = registry()
-        spent, prefix = 0.0, saved
-        for i in range(cached, len(recipe.steps)):
-            step = recipe.steps[i]
-            start = time.perf_counter()
-            result = techniques[step.technique].apply(state, step, ctx)
-            took = time.perf_counter() - start
-            spent, prefix = spent + took, prefix + took
-            state = result.state
-            reports.append({"technique": step.technique, "summary": result.summary})
-            self.cache.put(configs[: i + 1], state, reports, prefix)
-        return state, reports, {"steps_s": spent, "saved_by_cache_s": saved, "cached_steps": cached}
+        """The state after ``steps``, computing only what the cache does not hold (no teacher copy:
+        no causal-LM step distils)."""
+        return apply_cached(self.cache, self.pipe, self.splits, self.targets.budget, steps, workdir=self.workdir,
+                            teacher=False, seconds=self.last_seconds)
 
     def check_recipe(self, steps: list[dict]) -> None:
         """Refuse a sampled recipe whose steps cannot take this model (the pipeline's own check)."""

@@ -142,6 +142,45 @@ class PrefixCache:
             self._items.popitem(last=False)
 
 
+def apply_cached(cache: PrefixCache, pipe, splits, budget: Budget, steps: list[dict], *, workdir: Path,
+                 on_epoch=None, teacher: bool = True, before_step=None,
+                 seconds: dict[str, Any] | None = None) -> tuple[Any, list[dict], dict[str, float]]:
+    """The state after ``steps`` on ``pipe``'s model, with ``splits`` (the test split sealed),
+    starting from the longest prefix ``cache`` holds and caching every new prefix. Returns
+    ``(state, step reports, {"steps_s", "saved_by_cache_s", "cached_steps"})``. ``seconds`` is filled
+    with what the cache saved before any step runs (so a trial stopped in a step still says it)."""
+    from shrinkml.pipeline import _initial_state, _step_context
+    from shrinkml.recipe import as_recipe
+    from shrinkml.techniques.base import registry
+
+    p, s = pipe.prepared, pipe.settings
+    recipe = as_recipe([dict(step) for step in steps])
+    configs = [step.model_dump(mode="json") for step in recipe.steps]
+    cached, item = cache.longest(configs)
+    state, reports, saved = (item[0], list(item[1]), item[2]) if item else (_initial_state(p.loaded), [], 0.0)
+    prefix_seconds = saved
+    if seconds is not None:
+        seconds.clear()
+        seconds.update({"saved_by_cache_s": round(saved, 3), "cached_steps": cached})
+    ctx = _step_context(p.loaded, splits, p.task, p.example, s, pipe.progress, workdir, budget, teacher=teacher)
+    ctx = replace(ctx, on_epoch=on_epoch)
+    techniques = registry()
+    spent = 0.0
+    for i in range(cached, len(recipe.steps)):
+        step = recipe.steps[i]
+        if before_step is not None:
+            before_step(step)
+        start = time.perf_counter()
+        result = techniques[step.technique].apply(state, step, ctx)
+        took = time.perf_counter() - start
+        spent += took
+        prefix_seconds += took
+        state = result.state
+        reports.append({"technique": step.technique, "summary": result.summary})
+        cache.put(configs[: i + 1], state, reports, prefix_seconds)
+    return state, reports, {"steps_s": spent, "saved_by_cache_s": saved, "cached_steps": cached}
+
+
 class TrialEvaluator:
     """Measures trials against one prepared pipeline (see the module docstring)."""
 
@@ -251,35 +290,12 @@ class TrialEvaluator:
     # ------------------------------------------------------------------ a trial
     def apply(self, steps: list[dict], on_epoch=None) -> tuple[Any, list[dict], dict[str, float]]:
         """The state after ``steps``, computing only what the cache does not hold."""
-        from shrinkml.pipeline import _initial_state, _step_context
-        from shrinkml.recipe import as_recipe
-        from shrinkml.techniques.base import registry
+        return apply_cached(self.cache, self.pipe, self.splits, self.targets.budget, steps, workdir=self.workdir,
+                            on_epoch=on_epoch, before_step=self._before_step, seconds=self.last_seconds)
 
-        p, s = self.pipe.prepared, self.pipe.settings
-        recipe = as_recipe([dict(step) for step in steps])
-        configs = [step.model_dump(mode="json") for step in recipe.steps]
-        cached, item = self.cache.longest(configs)
-        state, reports, saved = (item[0], list(item[1]), item[2]) if item else (_initial_state(p.loaded), [], 0.0)
-        prefix_seconds = saved
-        self.last_seconds = {"saved_by_cache_s": round(saved, 3), "cached_steps": cached}
-        ctx = _step_context(p.loaded, self.splits, p.task, p.example, s, self.pipe.progress, self.workdir,
-                            self.targets.budget)
-        ctx = replace(ctx, on_epoch=on_epoch)
-        techniques = registry()
-        spent = 0.0
-        for i in range(cached, len(recipe.steps)):
-            step = recipe.steps[i]
-            if step.technique == "finetune":
-                self._warmup = max(2, step.epochs // 4)
-            start = time.perf_counter()
-            result = techniques[step.technique].apply(state, step, ctx)
-            took = time.perf_counter() - start
-            spent += took
-            prefix_seconds += took
-            state = result.state
-            reports.append({"technique": step.technique, "summary": result.summary})
-            self.cache.put(configs[: i + 1], state, reports, prefix_seconds)
-        return state, reports, {"steps_s": spent, "saved_by_cache_s": saved, "cached_steps": cached}
+    def _before_step(self, step) -> None:
+        if step.technique == "finetune":
+            self._warmup = max(2, step.epochs // 4)
 
     def check_recipe(self, steps: list[dict]) -> None:
         """Refuse a sampled combination that cannot run (a step after a torch-only quantizer, say)."""

@@ -188,7 +188,6 @@ def main() -> None:
     imatrix = gguf_importance(pipe.prepared.loaded, splits.calibration.x, args.calibration_windows)
     files["llama.cpp Q4_0 + imatrix"] = llama_quantize(files["F32 (reference)"], tmp / "lcpp-Q4_0-imatrix.gguf",
                                                         "MOSTLY_Q4_0", imatrix)
-    q40_bpw = None
     recipes = {
         "shrinkml Q8_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q8_0", "embedding_format": "Q8_0"}],
         "shrinkml Q4_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q4_0", "embedding_format": "Q8_0"}],

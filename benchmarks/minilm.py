@@ -58,6 +58,7 @@ from shrinkml.runtimes.onnxruntime import OrtRunner  # noqa: E402
 from shrinkml.runtimes.openvino import OvRunner  # noqa: E402
 from shrinkml.tasks import get_task  # noqa: E402
 from shrinkml.techniques.base import ModelState, StepContext, get_technique  # noqa: E402
+from shrinkml.techniques.quantize_bf16 import is_bf16_model, load_int8, save_int8  # noqa: E402
 from common import update_docs  # noqa: E402  benchmarks/common.py (scripts run from benchmarks/)
 
 SEQ = 128
@@ -180,7 +181,8 @@ _FT = {"epochs": 10, "lr": 1e-4, "batch_size": 32, "distill": True, "alpha": 1.0
        "validation_fraction": 0.1, "patience": 2}
 _GPTQ = {"bits": 4, "method": "gptq"}
 RECIPES.update({
-    "bf16_int8": ("`quantize.bf16` (INT8 weights on disk, bfloat16 compute, PyTorch)", [("quantize.bf16", {})]),
+    "bf16_int8": ("`quantize.bf16` alone (INT8 weights on disk, bfloat16 compute, PyTorch; every padded position)",
+                  [("quantize.bf16", {})]),
     "bf16_weights": ("`quantize.bf16` weights bfloat16 (PyTorch)", [("quantize.bf16", {"weights": "bfloat16"})]),
     "small_g128_share3": ("`weight_only` INT4 g128 GPTQ + `share.embeddings` (3 weights/code)",
                           [("quantize.weight_only", {**_GPTQ, "group_size": 128}), ("share.embeddings", {"vector_size": 3})]),
@@ -209,7 +211,7 @@ def _from_yaml(name: str) -> list[tuple[str, dict]]:
     return [(step["technique"], {k: v for k, v in step.items() if k != "technique"}) for step in steps]
 
 
-RECIPES["recipe_minilm_fast"] = ("`recipes/minilm-fast.yaml` (PyTorch: INT8 file, bfloat16 compute)",
+RECIPES["recipe_minilm_fast"] = ("`recipes/minilm-fast.yaml` (PyTorch: INT8 file, bfloat16 compute, real tokens only)",
                                  _from_yaml("minilm-fast.yaml"))
 RECIPES["recipe_minilm_small"] = ("`recipes/minilm-small.yaml` (ONNX Runtime)", _from_yaml("minilm-small.yaml"))
 # shrinkml recipes measured on OpenVINO (--runtime openvino): the ONNX each writes, compiled by OpenVINO's CPU plugin
@@ -228,7 +230,7 @@ OV_RECIPES.update({
                          [("prune.ffn", {"neuron_ratio": 0.2}), ("finetune", _FT), ("quantize.nncf", {"mode": "int8"})]),
 })
 OV_DEFAULT = list(OV_RECIPES)
-DEFAULT = ["shrinkml_dynamic", "shrinkml_static", "wo_int4_g128_gptq_emb", "bf16_weights", "recipe_minilm_fast",
+DEFAULT = ["shrinkml_dynamic", "shrinkml_static", "wo_int4_g128_gptq_emb", "bf16_weights", "bf16_int8", "recipe_minilm_fast",
            "recipe_minilm_small", "small_g128_share3"]
 QUICK = ["shrinkml_dynamic", "wo_int4_g128_emb", "recipe_minilm_fast"]
 
@@ -363,8 +365,12 @@ def main(argv: list[str] | None = None) -> dict:
         def save(name: str, proto: onnx.ModelProto | ModelState, seconds: float, extra: dict | None = None) -> None:
             if isinstance(proto, ModelState) and proto.kind == "torch":  # the deployable safetensors file
                 paths[name] = tmp / f"{name}.safetensors"
-                save_state_dict(proto.torch_model.state_dict(), paths[name])
-                torch_models[name] = proto.torch_model.eval()
+                if is_bf16_model(proto.torch_model):  # the self-contained file compress writes, and the model
+                    save_int8(proto.torch_model, paths[name])  # measured is the one loaded back from it alone
+                    torch_models[name] = load_int8(str(paths[name])).eval()
+                else:
+                    save_state_dict(proto.torch_model.state_dict(), paths[name])
+                    torch_models[name] = proto.torch_model.eval()
             else:
                 paths[name] = tmp / f"{name}.onnx"
                 onnx.save(proto.onnx_model if isinstance(proto, ModelState) else proto, paths[name])
@@ -553,12 +559,13 @@ def main(argv: list[str] | None = None) -> dict:
             goals["fast"].append(name)
         if v["smaller_than_fp32_safetensors"] >= 8 and v["mean_cosine"] >= 0.98:
             goals["small"].append(name)
-    # issue 9's goal: a shrinkml recipe, deployable file <= 23 MB and standalone, top-10 agreement >= 0.97, and faster
+    # issue 9's goal: a shrinkml recipe, deployable file <= 23 MB and standalone, top-10 agreement >= 0.97 (the lower
+    # end of its 95% CI), and faster
     # than NNCF INT8 on OpenVINO at both operating points (the speedup's 95% CI above 1.0), all in this run
     goals["beats_nncf_int8_ov"] = [
         name for name in [*names, *ov_names]
         if "error" not in variants.get(name, {"error": 1}) and variants[name]["size_bytes"] <= 23e6
-        and variants[name]["top10_agreement"] >= 0.97
+        and variants[name]["top10_agreement_ci95"][0] >= 0.97  # the CI's worst end, as budgets are read
         and all(variants[name].get(f"{p}_vs_nncf_int8_ov", {"ci95": [0, 0]})["ci95"][0] > 1.0 for p in ("batch32", "trim"))
     ]
 
@@ -672,8 +679,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 Goals checked from these numbers: (a) Pareto-dominates every ORT `quantize_dynamic` row of this run (no larger, higher
 top-10 agreement, higher batch-32 throughput): {fast}. (b) >= 8x smaller than the FP32 safetensors with mean cosine >= 0.98: {small}.
-(c) A shrinkml recipe with a deployable file <= 23 MB that loads on its own, top-10 agreement >= 0.97, and higher throughput
-than NNCF INT8 on OpenVINO at both operating points (the paired speedup's 95% CI above 1.0): {beats}.
+(c) A shrinkml recipe with a deployable file <= 23 MB that loads on its own, top-10 agreement >= 0.97 (the lower end of its
+95% CI), and higher throughput than NNCF INT8 on OpenVINO at both operating points (the paired speedup's 95% CI above 1.0):
+{beats}. `unpad` rows compute the real tokens of each batch only (same function, same inputs as every other row): at
+32 x 128 they skip the columns that are padding in every row as well as the padded positions.
 """
     if not args.no_docs:
         update_docs(args.docs, "minilm", section)

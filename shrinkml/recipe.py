@@ -175,12 +175,13 @@ class Recipe:
         producer = "the input model"
         for i, step in enumerate(self.steps):
             technique = techniques[step.technique]
-            if i and techniques[self.steps[i - 1].technique].runtime is not None:
+            pinned = techniques[self.steps[i - 1].technique].runtime if i else None
+            if pinned is not None and technique.runtime != pinned:  # steps that run there may follow
                 before = self.steps[i - 1].technique
                 raise InputError(
-                    f"{step.technique} comes after {before}, whose model only {techniques[before].runtime} runs",
+                    f"{step.technique} comes after {before}, whose model only {pinned} runs",
                     where=f"steps[{i}]",
-                    expected=f"{before} as the last step",
+                    expected=f"{before} as the last step, or only steps for {pinned} after it",
                     fix=f"move {before} to the end of the recipe",
                 )
             if current not in technique.accepts:

@@ -36,6 +36,7 @@ class TextEncoder(nn.Module):
         pooling: Pooling = "mean",
         normalize: bool = True,
         pad_token_id: int = 0,
+        unpad: bool = False,
     ) -> None:
         super().__init__()
         self.transformer = transformer
@@ -43,11 +44,20 @@ class TextEncoder(nn.Module):
         self.pooling = pooling
         self.normalize = normalize
         self.pad_token_id = pad_token_id
+        # compute real tokens only (the `unpad` technique; shrinkml.nn.unpad): same function, in eval
+        self.unpad = unpad
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if getattr(self, "unpad", False) and attention_mask is None and not self.training \
+                and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():
+            from shrinkml.nn.unpad import packed_forward
+
+            out = packed_forward(self, input_ids, token_type_ids)
+            if out is not None:
+                return out
         return self.encode(input_ids, attention_mask, token_type_ids)[0]
 
     def input_names(self) -> list[str]:

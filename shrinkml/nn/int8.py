@@ -5,11 +5,19 @@ safetensors file stores) and the bfloat16 weight dequantized from them once (wha
 rebuilt on load, never saved). ``dequantized_copy`` turns them back into plain bfloat16 modules for
 loaders that know only ``nn.Linear`` / ``nn.Embedding``. The step itself, and the file format, are in
 ``shrinkml.techniques.quantize_bf16``.
+
+In inference ``Int8Linear`` multiplies with oneDNN's bfloat16 kernel on a weight reordered once into
+the kernel's blocked layout (``prepacked_linear``), as PyTorch's own compiler does for frozen CPU
+models: a plain ``F.linear`` reorders the weight on every call (1.8x slower on a 858 x 384 x 1536
+product here). Where PyTorch has no such kernel (no oneDNN, no bfloat16 support in it) or
+``SHRINKML_NO_PREPACK=1`` is set, it is ``F.linear``; both give the same numbers.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import weakref
 from typing import Any
 
 import torch
@@ -29,8 +37,11 @@ class Int8Weight(nn.Module):
     """Holds ``weight_int8`` codes and ``weight_scale`` (saved) and the bfloat16 ``weight`` made from
     them (not saved: rebuilt from the codes on load)."""
 
-    def _init_codes(self, weight: torch.Tensor, values: bool) -> None:
-        if values:
+    def _init_codes(self, weight: torch.Tensor, values: bool,
+                    codes_scale: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        if codes_scale is not None:  # codes chosen elsewhere (GPTQ), on the same -127..127 grid
+            codes, scale = codes_scale[0].to(torch.int8), codes_scale[1].float()
+        elif values:
             codes, scale = _int8_codes(weight)
         else:  # shapes only, on the meta device: load_int8 assigns the file's tensors
             codes = torch.empty(weight.shape, dtype=torch.int8, device="meta")
@@ -50,12 +61,14 @@ def _refresh_weight(module: Int8Weight, _incompatible: Any) -> None:
 
 class Int8Linear(Int8Weight):
     """``nn.Linear`` computing in bfloat16 with a weight stored as per-output-channel INT8 codes.
-    ``values=False`` takes only ``linear``'s shapes (tensors on the meta device, never reading it)."""
+    ``values=False`` takes only ``linear``'s shapes (tensors on the meta device, never reading it);
+    ``codes`` gives the INT8 codes and per-row scales to hold instead of rounding ``linear``'s weight."""
 
-    def __init__(self, linear: nn.Linear, *, values: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, *, values: bool = True,
+                 codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._init_codes(linear.weight, values)
+        self._init_codes(linear.weight, values, codes)
         if linear.bias is None:
             self.bias = None
         else:
@@ -64,6 +77,10 @@ class Int8Linear(Int8Weight):
             self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad):
+            out = prepacked_linear(self, x)
+            if out is not None:
+                return out
         return F.linear(x, self.weight, self.bias)
 
     def to_linear(self) -> nn.Linear:
@@ -93,6 +110,97 @@ class Int8Embedding(Int8Weight):
         with torch.no_grad():
             out.weight.copy_(self.weight)
         return out
+
+
+# module -> (weight tensor, its version, packed weight): kept outside the module so that
+# copying, pickling and state dicts never see oneDNN's opaque tensors
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREPACK_OK: bool | None = None
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter (None for inference tensors, which keep none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _register_flop_formula() -> None:
+    """Let ``FlopCounterMode`` (``shrinkml.measure.macs``) count the prepacked kernel as the product it is."""
+    try:
+        from torch.utils.flop_counter import register_flop_formula
+
+        @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+        def _flops(x_shape, w_shape, *args, **kwargs) -> int:  # noqa: ARG001
+            rows = 1
+            for d in x_shape[:-1]:
+                rows *= d
+            return 2 * rows * x_shape[-1] * w_shape[0]
+    except (AttributeError, ImportError, RuntimeError, ValueError):  # no such kernel: nothing to count
+        pass
+
+
+_register_flop_formula()
+
+
+def prepack_available() -> bool:
+    """Whether this PyTorch has oneDNN's prepacked bfloat16 linear kernel and this CPU runs it."""
+    global _PREPACK_OK
+    if os.environ.get("SHRINKML_NO_PREPACK") == "1":
+        return False
+    if _PREPACK_OK is None:
+        try:
+            _PREPACK_OK = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+        except (AttributeError, RuntimeError):
+            _PREPACK_OK = False
+    return _PREPACK_OK
+
+
+def prepacked_linear(module: Int8Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """``F.linear(x, module.weight, module.bias)`` with the weight reordered once for oneDNN's kernel
+    (and again whenever the weight changes), or None where that kernel is not available."""
+    global _PREPACK_OK
+    weight = module.weight
+    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dtype != torch.bfloat16 \
+            or not prepack_available():
+        return None
+    cached = _PACKED.get(module)
+    try:
+        if cached is None or cached[0] is not weight or cached[1] != _version(weight):
+            cached = (weight, _version(weight), torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+            _PACKED[module] = cached
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        bias = None if module.bias is None else module.bias.detach()
+        out = torch.ops.mkldnn._linear_pointwise(flat, cached[2], bias, "none", [], "")
+    except RuntimeError:  # a kernel this CPU or build cannot run: plain F.linear from now on
+        _PREPACK_OK = False
+        return None
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def stacked_linear(owner: nn.Module, parts: tuple[Int8Linear, ...], x: torch.Tensor) -> torch.Tensor | None:
+    """``cat([p(x) for p in parts], -1)`` as one prepacked product on the stacked weights (cached on
+    ``owner``, rebuilt when any weight changes), or None where the kernel is not available."""
+    global _PREPACK_OK
+    if x.device.type != "cpu" or not prepack_available() or len({p.bias is None for p in parts}) > 1:
+        return None
+    weights = tuple(p.weight for p in parts)
+    cached = _PACKED.get(owner)
+    try:
+        if cached is None or any(a is not b for a, b in zip(cached[0], weights)) \
+                or cached[1] != tuple(_version(w) for w in weights):
+            stacked = torch.cat([w.detach() for w in weights], 0)
+            biases = [p.bias for p in parts]
+            bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+            cached = (weights, tuple(_version(w) for w in weights),
+                      torch.ops.mkldnn._reorder_linear_weight(stacked), bias)
+            _PACKED[owner] = cached
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(flat, cached[2], cached[3], "none", [], "")
+    except RuntimeError:
+        _PREPACK_OK = False
+        return None
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -82,7 +82,8 @@ def gptq_quantize(
     llama.cpp's blocks. Raises ``torch.linalg.LinAlgError`` if the dampened Hessian is not positive
     definite.
     """
-    check_group_size(group_size)
+    if group_size != weight.shape[1]:  # one group per row (a per-channel scale) fits any width
+        check_group_size(group_size)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, found {bits}")
     if not 0 < damp < 1:

@@ -20,6 +20,7 @@ from shrinkml.techniques import (  # noqa: F401
     quantize_static,
     quantize_weight_only,
     share_embeddings,
+    unpad,
 )
 from shrinkml.techniques.base import StepConfig, get_technique, register, registry
 

@@ -75,6 +75,16 @@ class QuantizeBf16Config(StepConfig):
     quantize_embeddings: bool = Field(
         True, description="store nn.Embedding tables as per-row INT8 codes too (weights: int8 only)"
     )
+    method: Literal["rtn", "gptq"] = Field(
+        "rtn",
+        description="how Linear weights become INT8 codes (weights: int8): rtn = round each weight to its row's"
+        " grid; gptq = GPTQ on the same per-row grid, each rounding error compensated on the row's remaining"
+        " weights using the layer's inputs on the calibration split (real tokens only for text models);"
+        " embedding tables are rounded either way",
+    )
+    damp: float = Field(
+        0.01, gt=0, lt=1, description="GPTQ's dampening, as a fraction of the Hessian's mean diagonal (method: gptq)"
+    )
     keep_float: tuple[str, ...] = Field(
         (),
         description="module-name globs (e.g. 'classifier'; a module and everything inside it) of Linear / Embedding layers stored as"
@@ -145,6 +155,7 @@ def file_metadata(model: nn.Module) -> dict[str, str]:
             arch["text_encoder"] = {
                 "kind": model.kind, "pooling": model.pooling, "normalize": bool(model.normalize),
                 "pad_token_id": int(model.pad_token_id),
+                **({"unpad": True} if getattr(model, "unpad", False) else {}),
             }
     else:
         arch = {"builder": "factory", "class": f"{type(model).__module__}.{type(model).__qualname__}"}
@@ -252,11 +263,13 @@ def _build_transformers(arch: dict[str, Any], where: str) -> nn.Module:
         return transformer
     ok = (isinstance(text, dict) and text.get("kind") in ("embedding", "classifier")
           and text.get("pooling") in ("mean", "cls", "max") and isinstance(text.get("normalize"), bool)
-          and isinstance(text.get("pad_token_id"), int))
+          and isinstance(text.get("pad_token_id"), int) and isinstance(text.get("unpad", False), bool)
+          and set(text) <= {"kind", "pooling", "normalize", "pad_token_id", "unpad"})
     if not ok:
         raise InputError(
             "the file's TextEncoder settings are malformed", where=where,
-            expected="kind embedding|classifier, pooling mean|cls|max, normalize true|false, an integer pad_token_id",
+            expected="kind embedding|classifier, pooling mean|cls|max, normalize true|false, an integer pad_token_id"
+            " (and unpad true|false), nothing else",
             found=json.dumps(text)[:200], fix="write the file again with quantize.bf16",
         )
     return TextEncoder(transformer, **text)
@@ -381,6 +394,64 @@ def _drop_unused_pooler(model: nn.Module) -> list[str]:
     return []
 
 
+def _gptq_codes(model: nn.Module, names: list[str], config: QuantizeBf16Config,
+                ctx: StepContext) -> dict[str, tuple]:
+    """GPTQ INT8 codes on ``quantize.bf16``'s grid (per row: scale = max |w| / 127, codes -127..127)
+    for the Linears ``names`` of the float32 ``model``, from the Hessians of their inputs on the
+    calibration split (one pass of the float model; for a text encoder only real tokens count: padded
+    positions never reach the pooled output)."""
+    import numpy as np
+    import torch
+
+    from shrinkml.models.text import TextEncoder
+    from shrinkml.quant.gptq import HessianAccumulator, gptq_quantize
+
+    x = np.asarray(ctx.splits.calibration.x)
+    if len(x) == 0:
+        raise InputError(
+            "quantize.bf16 method gptq needs calibration data", where=f"{WHERE}.method",
+            found="an empty calibration split", fix="give more data, or use method: rtn",
+        )
+    modules = dict(model.named_modules())
+    text = isinstance(model, TextEncoder)
+    acc: dict[str, HessianAccumulator] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def record(_module, args, _output) -> None:
+            inputs = args[0].detach()
+            mask = current.get("mask")
+            if mask is not None and inputs.shape[:2] == mask.shape:
+                inputs = inputs[mask]
+            acc.setdefault(name, HessianAccumulator(inputs.shape[-1])).add(inputs)
+        return record
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), 32):
+                batch = torch.as_tensor(x[start:start + 32])
+                current["mask"] = batch != model.pad_token_id if text else None
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def grid(group: torch.Tensor, _bits: int, _symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (group.abs().amax(-1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+        return scale, torch.full_like(scale, 128.0)  # uint8 codes 1..255 = int8 -127..127 + 128
+
+    out = {}
+    for name in names:
+        if name not in acc:  # never called on calibration data (e.g. an unused head): rounded
+            continue
+        weight = modules[name].weight
+        result = gptq_quantize(weight, acc[name].hessian(), bits=8, group_size=weight.shape[1], symmetric=True,
+                               damp=config.damp, params=grid)
+        out[name] = ((result.codes.to(torch.int16) - 128).to(torch.int8), result.scales[:, 0].contiguous())
+    return out
+
+
 def cpu_native_bf16() -> bool:
     """Whether this CPU has bfloat16 matrix or vector instructions (x86 AMX / AVX512-BF16, Arm BF16)."""
     from shrinkml.environment import cpu_flags
@@ -422,12 +493,16 @@ def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> St
                           candidates=layer_names, what="Linear / Embedding layers"))
     kept = sorted(n for n in layer_names if n in selected)
     int8_layers, before, after = [], 0, 0
+    gptq_codes: dict[str, tuple] = {}
+    if config.weights == "int8" and config.method == "gptq":
+        gptq_codes = _gptq_codes(model, [n for n in layer_names if n not in selected
+                                         and isinstance(names[n], nn.Linear)], config, ctx)
     if config.weights == "int8":
         for name, module in list(model.named_modules()):
             if name in kept:
                 continue
             if isinstance(module, nn.Linear):
-                replace_module(model, name, Int8Linear(module))
+                replace_module(model, name, Int8Linear(module, codes=gptq_codes.get(name)))
             elif isinstance(module, nn.Embedding) and config.quantize_embeddings:
                 replace_module(model, name, Int8Embedding(module))
             else:
@@ -454,6 +529,7 @@ def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> St
     native = cpu_native_bf16()
     summary = {
         "weights": config.weights,
+        "method": config.method if config.weights == "int8" else None,
         "compute_dtype": "bfloat16 (PyTorch)",
         "cpu_native_bf16": native,
         "int8_layers": len(int8_layers),
@@ -462,6 +538,9 @@ def apply(state: ModelState, config: QuantizeBf16Config, ctx: StepContext) -> St
         "int8_weight_bytes": after,
         "float32_weight_bytes_of_those_layers": before,
     }
+    if gptq_codes:
+        summary["gptq_layers"] = len(gptq_codes)
+        summary["gptq_calibration_rows"] = int(len(ctx.splits.calibration))
     if not native:
         summary["note"] = (
             "this CPU has no native bfloat16 instructions: PyTorch emulates them and the model is likely"

@@ -124,6 +124,7 @@ LLAMA = Subject("llama", tiny_causal_lm, token_windows, "perplexity")
 NEEDS_TEXT_ENCODER = frozenset({  # they cut or rewrite parts only a BERT-like text encoder has
     "prune.heads", "prune.ffn", "prune.layers",  # a Hugging Face encoder's heads, FFN neurons, layers
     "share.embeddings",  # embedding tables (Gather) with at least min_rows rows
+    "unpad",  # a BERT encoder's forward on real tokens only
 })
 NOT_FOR_TEXT_ENCODER = frozenset({  # documented for CNNs and MLPs; transformers have their own steps
     "prune.channels",  # cutting a BERT's hidden channels breaks its head layout: prune.heads / prune.ffn
@@ -143,6 +144,7 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
 # Variants whose path reads data where the default's does not (calibration statistics, measured
 # sensitivities): run on the technique's first family, like the "auto" variants, by name.
 DATA_VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "quantize.bf16": {"gptq": {"method": "gptq"}},
     "quantize.gguf": {
         "imatrix-budget": {"method": "imatrix", "bits_per_weight": 5.0, "calibration_windows": 2, "sensitivity_windows": 1},
         "gptq-promote": {"method": "gptq", "promote": 2, "calibration_windows": 2, "sensitivity_windows": 1},

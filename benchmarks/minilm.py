@@ -95,7 +95,17 @@ ONNX Runtime's profiler at 32 x 128 tokens):
   vs 0.94 on prose). NNCF `compress_weights` INT8 (bfloat16 compute) keeps top-10 0.980 but runs at 0.68-0.76x of NNCF
   INT8 (weight decompression; OpenVINO's `DYNAMIC_QUANTIZATION_GROUP_SIZE` 0/32/384 changed nothing). `prune.ffn` 20% +
   cosine distillation on the 256 calibration texts + NNCF INT8 is at most a little faster than NNCF INT8 (two runs:
-  1.05x and 1.00x [0.97, 1.01] at 32 x 128, 1.09x and 1.05x padded) and top-10 falls to 0.72. On the generated `builtin:texts` NNCF INT8 reaches top-10 0.970 against 0.939 on prose."""
+  1.05x and 1.00x [0.97, 1.01] at 32 x 128, 1.09x and 1.05x padded) and top-10 falls to 0.72. On the generated `builtin:texts` NNCF INT8 reaches top-10 0.970 against 0.939 on prose.
+- `unpad` (2026-12-02, same machine; profiled with torch.profiler on 32 held-out texts padded to 48 tokens, 858 real):
+  the packed forward computes the same embeddings (max abs difference 2e-7 in float32). PyTorch's `F.linear` in
+  bfloat16 reorders its weight for oneDNN on every call: `Int8Linear` now keeps a prepacked copy (1.8x faster on a
+  858 x 384 x 1536 product; `SHRINKML_NO_PREPACK=1` turns it off). PyTorch's CPU attention kernel costs about the same
+  per (row, head) pair at these lengths (32 texts x 48 tokens: 1.3 ms per layer; 16 rows x 64: 0.57 ms), so the
+  packed tokens are laid out several texts per 64-slot row with a block-diagonal mask for attention only. Per forward
+  then: Linears 11 ms, attention 4 ms, GELU 3 ms, scatter/gather 2 ms, LayerNorm 1 ms.
+- `quantize.bf16` `method: gptq` (per-row INT8 grid, GPTQ on the 256 calibration texts) was chosen on 768 sentences of
+  Python's documentation (`pydoc_data`, never the held-out prose): top-10 agreement 0.977 [0.974, 0.980] with rounding
+  -> 0.980 [0.978, 0.983] with GPTQ (damp 0.01; 0.1 gave 0.982), mean cosine 0.99946 -> 0.99971."""
 
 # --- texts ---------------------------------------------------------------------------------------
 
@@ -510,9 +520,13 @@ def main(argv: list[str] | None = None) -> dict:
 
             for name in measured:
                 try:
-                    if name in torch_models:
-                        continue  # PyTorch rows: not measured here (the pickled module would need the classes)
-                    if name in on_ov:
+                    if name in torch_models:  # the module loaded from the file, pickled for the fresh process
+                        if not is_bf16_model(torch_models[name]):
+                            continue
+                        pickled = memory.save_module_for_child(torch_models[name], tmp / f"{name}.pt")
+                        rss = memory.peak_memory_torch(pickled, {"input_ids": batch_ids}, threads=args.threads,
+                                                       sys_path=[str(ROOT)])
+                    elif name in on_ov:
                         feeds = {k: np.ascontiguousarray(v) for k, v in runners[name].feeds(batch_ids).items()}
                         rss = memory.peak_memory_openvino(paths[name], feeds, threads=args.threads)
                     else:
@@ -655,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict:
   the Hugging Face layout (`input_ids`, `attention_mask`, `token_type_ids` in; `sentence_embedding` and
   `last_hidden_state` out; min cosine with sentence-transformers {encoder_vs_st:.6f}); OpenVINO rows compile the same
   `.onnx` files with OpenVINO {ov_version} (CPU plugin, {args.threads} inference threads, one stream, latency hint).
-- Size: bytes of the deployable file (`.onnx`; the safetensors file for PyTorch recipes), vs the FP32 `model.safetensors` ({fp32_safetensors / 1e6:.1f} MB; the ORT FP32
+- Size: bytes of the deployable file (`.onnx`; for PyTorch recipes the self-contained safetensors file `compress`
+  writes, and every PyTorch-recipe figure is of the model `load_int8` rebuilt from that file alone), vs the FP32 `model.safetensors` ({fp32_safetensors / 1e6:.1f} MB; the ORT FP32
   `.onnx` is {ort_fp32_size / 1e6:.1f} MB). Cosine: per held-out text vs PyTorch FP32; worst-5% = mean of the lowest 5%.
   Top-10 agreement: overlap of each held-out text's 10 nearest neighbours (among the held-out texts) with FP32's, /10.
 - Speed, two operating points on the same {BATCH} held-out texts: padded to {SEQ} tokens, and padded only to their
@@ -664,7 +679,8 @@ def main(argv: list[str] | None = None) -> dict:
   time ratio with a bootstrap 95% CI (above 1: faster than the anchor); one {s['single_text_tokens']}-token text
   unpadded (p50 of >= 20 rounds). The sentence-transformers row includes tokenization and pads each batch to its
   longest text at both points. Peak RSS: resident-memory increase of loading the file and running the 32 x 128 batch
-  twice in a fresh process (not measured for PyTorch rows).
+  twice in a fresh process (PyTorch `quantize.bf16` rows: the module `load_int8` rebuilt from the file, pickled, with
+  its INT8 codes and the bfloat16 weights made from them; not measured for the FP32 PyTorch rows).
 {st_line}
 
 {table}

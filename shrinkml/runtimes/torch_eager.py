@@ -66,8 +66,16 @@ class TorchEager:
 
     def describe(self, runner: TorchRunner) -> dict:
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in runner.module.parameters()})
-        return {"version": torch.__version__, "device": "CPU", "mode": "eager, inference_mode",
-                "parameter_dtypes": dtypes, "threads": torch.get_num_threads()}
+        out = {"version": torch.__version__, "device": "CPU", "mode": "eager, inference_mode",
+               "parameter_dtypes": dtypes, "threads": torch.get_num_threads()}
+        if "bfloat16" in dtypes:
+            from shrinkml.nn.int8 import prepack_available
+
+            out["bfloat16_linear_kernel"] = ("oneDNN, weights prepacked once (SHRINKML_NO_PREPACK=1: F.linear)"
+                                             if prepack_available() else "F.linear (oneDNN reorders each call)")
+        if getattr(runner.module, "unpad", False):
+            out["unpad"] = "real tokens only (shrinkml.nn.unpad)"
+        return out
 
 
 RUNTIME = TorchEager()

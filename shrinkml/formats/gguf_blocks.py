@@ -261,6 +261,18 @@ class BlockCodes:
               for key in ("m", "dmin", "sub_scales", "sub_mins")}
         return BlockCodes(self.fmt, self.codes[index], self.d[index], **kw)
 
+    @staticmethod
+    def concat_rows(parts: list[BlockCodes]) -> BlockCodes:
+        """The row blocks ``parts`` (one format, one width) stacked into one weight's codes."""
+        if len({p.fmt.name for p in parts}) != 1 or len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("row blocks to stack must share their format and width")
+        if len(parts) == 1:
+            return parts[0]
+        kw = {key: None if getattr(parts[0], key) is None else np.concatenate([getattr(p, key) for p in parts])
+              for key in ("m", "dmin", "sub_scales", "sub_mins")}
+        return BlockCodes(parts[0].fmt, np.concatenate([p.codes for p in parts]),
+                          np.concatenate([p.d for p in parts]), **kw)
+
     def same_as(self, other: BlockCodes) -> bool:
         """Whether ``other`` holds the same format, codes and parameters, bit for bit."""
         if self.fmt != other.fmt:

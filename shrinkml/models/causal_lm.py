@@ -159,8 +159,10 @@ def gguf_file_type(path: Path) -> str | None:
         return str(value)
 
 
-def load_gguf(path: Path) -> LoadedModel:
-    """A GGUF file as a float ``*ForCausalLM`` (its blocks dequantized) with the file's tokenizer."""
+def load_gguf(path: Path, *, lazy: bool = False) -> LoadedModel:
+    """A GGUF file as a float ``*ForCausalLM`` (its blocks dequantized) with the file's tokenizer.
+    ``lazy``: the decoder layers stay in the file (memory-mapped) until a step walks them
+    (``shrinkml.models.lazy``; llama-architecture files), for runtimes that measure files."""
     path = Path(path)
     _check_gguf_file(path)
     try:
@@ -176,19 +178,25 @@ def load_gguf(path: Path) -> LoadedModel:
     # its plain tqdm bar ignores transformers' progress-bar switch; shrinkml reports its own progress
     bar, gguf_utils.tqdm = getattr(gguf_utils, "tqdm", None), lambda items, **_: items
     try:
-        return _load_gguf(path, transformers, torch, load_gguf_checkpoint)
+        return _load_gguf(path, transformers, torch, load_gguf_checkpoint, lazy=lazy)
     finally:
         if bar is not None:
             gguf_utils.tqdm = bar
 
 
-def _load_gguf(path: Path, transformers, torch, load_gguf_checkpoint) -> LoadedModel:
+def _load_gguf(path: Path, transformers, torch, load_gguf_checkpoint, *, lazy: bool) -> LoadedModel:
     try:
         parsed = load_gguf_checkpoint(str(path), return_tensors=False)
         cfg = dict(parsed["config"])
         model_type = cfg.pop("model_type")
         cfg.pop("_model_name_or_path", None)
         config = transformers.AutoConfig.for_model(model_type, **cfg)
+        if lazy and model_type == "llama":
+            from shrinkml.models.lazy import GGUFWeights, lazy_causal_lm
+
+            model = lazy_causal_lm(config, GGUFWeights(path))
+            notes = ["loaded lazily: the decoder layers stay in the GGUF file until a step reads them, one at a time"]
+            return _gguf_loaded(path, model, notes)
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
     except InputError:
@@ -210,19 +218,23 @@ def _load_gguf(path: Path, transformers, torch, load_gguf_checkpoint) -> LoadedM
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    return _gguf_loaded(path, model, [])
+
+
+def _gguf_loaded(path: Path, model, notes: list[str]) -> LoadedModel:
     tokenizer = _tokenizer_from(str(path.parent), str(path), gguf_file=path.name)
     file_type = gguf_file_type(path)
     notes = [f"loaded from GGUF ({file_type or 'unknown file type'}): the float model holds the file's blocks"
-             " dequantized to float32, not the weights it was trained with"]
+             " dequantized to float32, not the weights it was trained with", *notes]
     info = _info(model, tokenizer, str(path), gguf_path=str(path), file_type=file_type, notes=notes)
     return LoadedModel("torch", str(path), module=model.eval(), lm=info, notes=list(notes))
 
 
-def load_causal_lm(path: Path) -> LoadedModel:
-    """A ``.gguf`` file or a transformers causal-LM directory."""
+def load_causal_lm(path: Path, *, lazy: bool = False) -> LoadedModel:
+    """A ``.gguf`` file or a transformers causal-LM directory (``lazy``: see :func:`load_gguf`)."""
     path = Path(path)
     if path.suffix.lower() == GGUF_SUFFIX:
-        return load_gguf(path)
+        return load_gguf(path, lazy=lazy)
     from shrinkml.models.hf import _read_json
 
     config = _read_json(path / "config.json", "a transformers config.json (a JSON object)")

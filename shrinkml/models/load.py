@@ -253,8 +253,10 @@ def _refuse_weights(weights: Any, random_weights: bool, holder: str) -> None:
                                   f"{holder} holds its own weights: drop --weights / --random-weights")
 
 
-def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: bool = False) -> LoadedModel:
-    """Load a model spec; see the module docstring for the accepted forms.
+def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: bool = False,
+               lazy_lm: bool = False) -> LoadedModel:
+    """Load a model spec; see the module docstring for the accepted forms. ``lazy_lm``: a causal
+    LM's decoder layers stay in their GGUF file until a step reads them (``shrinkml.models.lazy``).
 
     A factory's model has random weights until ``weights`` are loaded into it, so a factory without
     ``weights`` is refused unless ``random_weights=True`` (architecture benchmarking; recorded on
@@ -301,7 +303,7 @@ def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: 
         _refuse_weights(weights, random_weights, "a .gguf file")
         from shrinkml.models.causal_lm import load_gguf
 
-        return load_gguf(path)
+        return load_gguf(path, lazy=lazy_lm)
     if path.suffix.lower() == ".onnx":
         _refuse_weights(weights, random_weights, "an .onnx file")
         return _load_onnx(path)

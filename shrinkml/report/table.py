@@ -537,7 +537,8 @@ def lm_summary_table(report: dict) -> Table:
     mem = get(report, "compression_memory") or {}
     if mem:
         row("Peak process memory while compressing", "", fmt_bytes(mem.get("process_peak_rss_bytes")),
-            f"FP32 model {fmt_bytes(mem.get('fp32_model_bytes'))}")
+            f"FP32 model {fmt_bytes(mem.get('fp32_model_bytes'))}"
+            + (f" ({mem['peak_vs_fp32']:.2f}x)" if mem.get("peak_vs_fp32") else ""))
     budget = get(report, "budget") or {}
     row(f"Budget: {budget.get('drop_type')} perplexity increase <= {budget.get('max_drop')}",
         "", "met" if budget.get("met") else "NOT met", f"worst case {fmt_sig(budget.get('worst_case_drop'))}")

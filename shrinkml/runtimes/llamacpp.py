@@ -193,6 +193,9 @@ class LlamaCpp:
     artifact_suffix = ".gguf"
     artifact_format = "gguf"
     causal_lm_only = True
+    # llama.cpp measures files: the float model in PyTorch is needed only by the steps, which walk it
+    # one decoder layer at a time from the GGUF (shrinkml.models.lazy)
+    lazy_lm = True
 
     def check_lm(self, loaded) -> None:
         """Refuse, before any text is read, what llama.cpp cannot measure."""

@@ -98,6 +98,9 @@ def _applies(loaded: Any) -> str | None:
     return None
 
 
+_EMBEDDING = "model.embed_tokens.weight"  # the token embedding's key in the codes (Llama's Hugging Face name)
+
+
 def _targets(model) -> list[tuple[str, Any, str]]:
     """``(hf name, parameter, role)`` of every weight the step quantizes, each tensor once."""
     from torch import nn
@@ -105,7 +108,7 @@ def _targets(model) -> list[tuple[str, Any, str]]:
     seen: set[int] = set()
     out = []
     embed = model.get_input_embeddings()
-    out.append(("model.embed_tokens.weight", embed.weight, "embedding"))
+    out.append((_EMBEDDING, embed.weight, "embedding"))
     seen.add(id(embed.weight))
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
@@ -325,18 +328,30 @@ def awq_scale(model, hessians: dict[str, Any], owner: dict[str, str], fmt_of, qu
     return chosen
 
 
-def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Quantize ``model``'s weights in place (their values become the dequantized codes); return
-    ``(codes by Hugging Face name, summary)``. ``calibration``: token windows (``imatrix``, ``gptq``,
-    ``promote`` and ``bits_per_weight`` read them)."""
+def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress=None, *,
+                   layer_by_layer: bool | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Quantize ``model``'s weights in place (their values become the dequantized codes; a lazy
+    model's stay in their file); return ``(codes by Hugging Face name, summary)``. ``calibration``:
+    token windows (``imatrix``, ``gptq``, ``promote`` and ``bits_per_weight`` read them).
+    ``layer_by_layer``: walk one decoder layer at a time (None: whenever the config allows it, see
+    :func:`streams`; False: the whole model at once, as promote, bits_per_weight and awq need)."""
     import numpy as np
-    import torch
 
     from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.models.lazy import is_lazy, materialize_all
 
     def log(msg: str) -> None:
         if progress is not None:
             progress.log(f"quantize.gguf: {msg}")
+
+    walkable = streams(config) and _walkable(model)
+    if layer_by_layer and not walkable:
+        raise ValueError("this config or model cannot be quantized one decoder layer at a time")
+    if walkable and layer_by_layer is not False:
+        return _quantize_streaming(model, config, calibration, log)
+    if is_lazy(model):
+        log("promote, bits_per_weight and awq measure the whole model: loading every weight")
+        materialize_all(model)
 
     targets = _targets(model)
     params = {n: p for n, p, _ in targets}
@@ -408,35 +423,17 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
         formats.update(allocation.pop("formats"))
         fallbacks = []
 
-    codes: dict[str, Any] = {}
-    counts: dict[str, int] = {}
-    stored = weights = 0
-    err_num = err_den = 0.0
-    gptq_done = 0
+    tally = _Tally()
     for name, param, role in targets:
         w = param.detach().float().cpu().numpy().copy()  # a copy: the parameter is overwritten below
-        fmt = formats[name]
         module_name = name.removesuffix(".weight")
-        if config.method == "gptq" and role != "embedding" and fmt in _GPTQ_BITS and module_name in owner:
-            from shrinkml.quant.gptq import gptq_quantize
-
-            g = gptq_quantize(torch.from_numpy(w), hessians[owner[module_name]].hessian(), bits=_GPTQ_BITS[fmt],
-                              group_size=32, symmetric=True, damp=config.damp, params=_fp16_params)
-            c = gb.from_group_params(g.codes.numpy(), g.scales.numpy(), None, fmt, bits=_GPTQ_BITS[fmt])
-            gptq_done += 1
-            if gptq_done % 30 == 0:
-                log(f"GPTQ {gptq_done} Linear weights done")
-        else:
-            c = codes_of(name, fmt)
-        deq = gb.dequantize(c)
-        with torch.no_grad():
-            param.copy_(torch.from_numpy(deq).to(param.dtype))
-        codes[name] = c
-        counts[fmt] = counts.get(fmt, 0) + 1
-        stored += gb.packed_nbytes(fmt, *w.shape)
-        weights += w.size
-        err_num += float(np.square(w - deq, dtype=np.float64).sum())
-        err_den += float(np.square(w, dtype=np.float64).sum())
+        hessian = hessians[owner[module_name]] if module_name in owner else None
+        c, by_gptq = _encode(w, formats[name], role, config, hessian, lambda n=name: codes_of(n, formats[n]))
+        tally.add(name, w, c, param, gptq=by_gptq)
+        if by_gptq and tally.gptq % 30 == 0:
+            log(f"GPTQ {tally.gptq} Linear weights done")
+    codes, counts, stored, weights, err_num, err_den, gptq_done = (
+        tally.codes, tally.counts, tally.stored, tally.weights, tally.err_num, tally.err_den, tally.gptq)
     method = {"rtn": "rtn (llama.cpp's reference quantizers)",
               "imatrix": f"imatrix: fp16 scales searched for the error weighted by the mean squared input of each"
                          f" column ({calib_tokens:,} calibration tokens)",
@@ -456,6 +453,173 @@ def quantize_model(model, config: QuantizeGGUFConfig, calibration=None, progress
                           "alpha_counts": {str(a): sum(1 for g in awq if g["alpha"] == a) for a in sorted({g["alpha"] for g in awq})},
                           "rule": "a per group by the smallest tr(D H D^T) of the quantized weights on the calibration inputs"}
         codes.update(extra)  # the divided norms: float32, written as F32 like the source's
+    return codes, summary
+
+
+class _Tally:
+    """The codes chosen so far and the summary's figures; writes each tensor's dequantized values
+    into its parameter when there is one to write (a lazy model's parameters have no storage)."""
+
+    def __init__(self) -> None:
+        self.codes: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.stored = self.weights = self.gptq = 0
+        self.err_num = self.err_den = 0.0
+
+    def add(self, name: str, w, c, param, *, gptq: bool = False) -> None:
+        import numpy as np
+        import torch
+
+        from shrinkml.formats import gguf_blocks as gb
+
+        if param is not None and not param.is_meta:
+            deq = gb.dequantize(c)
+            with torch.no_grad():
+                param.copy_(torch.from_numpy(deq).to(param.dtype))
+            self._error(w, deq)
+        else:  # nothing to write: the error row block by row block (bounded temporaries)
+            for i in range(0, len(w), _ROWS):
+                rows = np.arange(i, min(i + _ROWS, len(w)))
+                self._error(w[rows], gb.dequantize(c.take_rows(rows)))
+        self.gptq += int(gptq)
+        self.codes[name] = c
+        self.counts[c.fmt.name] = self.counts.get(c.fmt.name, 0) + 1
+        self.stored += gb.packed_nbytes(c.fmt.name, *w.shape)
+        self.weights += w.size
+
+    def _error(self, w, deq) -> None:
+        import numpy as np
+
+        self.err_num += float(np.square(w - deq, dtype=np.float64).sum())
+        self.err_den += float(np.square(w, dtype=np.float64).sum())
+
+
+def _encode(w, fmt: str, role: str, config: QuantizeGGUFConfig, hessian, fallback):
+    """``(codes, by GPTQ)`` of one tensor: GPTQ for a Linear in a GPTQ format with calibration
+    statistics under ``method: gptq``, else ``fallback()`` (the rtn / importance-weighted codes)."""
+    if config.method == "gptq" and role != "embedding" and fmt in _GPTQ_BITS and hessian is not None:
+        import torch
+
+        from shrinkml.formats import gguf_blocks as gb
+        from shrinkml.quant.gptq import gptq_quantize
+
+        g = gptq_quantize(torch.from_numpy(w), hessian.hessian(), bits=_GPTQ_BITS[fmt], group_size=32,
+                          symmetric=True, damp=config.damp, params=_fp16_params)
+        return gb.from_group_params(g.codes.numpy(), g.scales.numpy(), None, fmt, bits=_GPTQ_BITS[fmt]), True
+    return fallback(), False
+
+
+def streams(config: QuantizeGGUFConfig) -> bool:
+    """Whether ``config`` chooses each tensor's codes from its own layer's statistics (so the model
+    can be walked one decoder layer at a time): not promote, bits_per_weight or awq, which measure
+    or change the whole model."""
+    return not config.promote and config.bits_per_weight is None and not config.awq
+
+
+def _walkable(model) -> bool:
+    """Whether every Linear of ``model`` is inside its decoder layers or is its output head."""
+    from torch import nn
+
+    from shrinkml.models.lazy import decoder_layers
+
+    parts = decoder_layers(model)
+    if parts is None:
+        return False
+    prefix = parts[1] + "."
+    head = model.get_output_embeddings()
+    return all(name.startswith(prefix) or m is head for name, m in model.named_modules() if isinstance(m, nn.Linear))
+
+
+_ROWS = 4096  # rows quantized at once by the layer-by-layer route
+
+
+def _quantize_streaming(model, config: QuantizeGGUFConfig, calibration, log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`quantize_model` one decoder layer at a time (``shrinkml.quant.sequential``): each
+    layer's weights live only while its statistics are taken and its codes chosen; a lazy model's
+    weights are read from their file then. The same codes as the one-pass route (tested)."""
+    import numpy as np
+
+    from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.models.lazy import is_lazy, source_of
+    from shrinkml.quant.sequential import layer_by_layer
+
+    targets = _targets(model)
+    formats, fallbacks = _formats(targets, config)
+    roles = {n: role for n, _, role in targets}
+    by_module = {n.removesuffix(".weight"): n for n in roles}
+    source = source_of(model)
+    write_back = not is_lazy(model)  # a lazy model's weights stay its file's: the codes are the result
+    tally = _Tally()
+
+    def current(name: str):  # looked up when used: a lazy layer's parameters are new once materialized
+        param = model.get_input_embeddings().weight if name == _EMBEDDING else model.get_parameter(name)
+        w = (source.get(name) if param.is_meta else param.detach()).float().cpu().numpy()
+        if write_back:
+            return w.copy(), param  # a copy: the parameter is overwritten with the codes' values
+        return w, None
+
+    def encode(name: str, w, hessian, importance) -> Any:
+        fmt = formats[name]
+        weighted = importance is not None and config.method != "rtn" and fmt in gb.WEIGHTED_FORMATS
+
+        def rest():
+            # blocks lie along rows: quantizing a few thousand rows at a time gives the same codes, and
+            # bounds the quantizers' temporaries (the embedding table is the largest tensor)
+            parts = [gb.quantize_weighted(w[i : i + _ROWS], fmt, importance) if weighted else gb.quantize_rtn(w[i : i + _ROWS], fmt)
+                     for i in range(0, len(w), _ROWS)]
+            return gb.BlockCodes.concat_rows(parts)
+
+        return _encode(w, fmt, roles[name], config, hessian, rest)
+
+    calib_tokens = 0
+    if config.method == "rtn":
+        for name, _, _ in targets:
+            w, param = current(name)
+            c, _ = encode(name, w, None, None)
+            tally.add(name, w, c, param)
+    else:
+        head = model.get_output_embeddings()
+        head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+        linear = {n.removesuffix(".weight") for n, r in roles.items() if r == "linear"}
+        windows = calibration[: config.calibration_windows]
+        log(f"input statistics of {len(linear) + (head_name is not None)} weights on {len(windows)} calibration"
+            " windows, one decoder layer at a time")
+        for stats in layer_by_layer(model, windows, linear, head_name=head_name):
+            calib_tokens = stats.tokens
+            for module_name, own in stats.owner.items():
+                acc = stats.accumulators[own]
+                importance = (acc.gram.diagonal() / max(acc.rows, 1)).float().numpy()
+                if stats.index is None:  # the output head: its own weight, or the tied embedding table
+                    name = by_module.get(module_name) or _EMBEDDING
+                else:
+                    name = by_module[module_name]
+                w, param = current(name)
+                c, by_gptq = encode(name, w, acc, importance)
+                tally.add(name, w, c, param, gptq=by_gptq)
+                if by_gptq and tally.gptq % 30 == 0:
+                    log(f"GPTQ {tally.gptq} Linear weights done")
+            stats.accumulators.clear()
+        for name, _, _ in targets:  # the untied embedding (and anything no layer fed) rounds to nearest
+            if name not in tally.codes:
+                w, param = current(name)
+                c, _ = encode(name, w, None, None)
+                tally.add(name, w, c, param)
+    codes = {name: tally.codes[name] for name, _, _ in targets}  # the model's order
+    method = {"rtn": "rtn (llama.cpp's reference quantizers)",
+              "imatrix": f"imatrix: fp16 scales searched for the error weighted by the mean squared input of each"
+                         f" column ({calib_tokens:,} calibration tokens)",
+              "gptq": f"gptq on {tally.gptq} Linear weights ({calib_tokens:,} calibration tokens), imatrix on the rest"}
+    summary = {
+        "tensors": len(codes), "formats": tally.counts, "weights": int(tally.weights), "stored_bytes": int(tally.stored),
+        "bits_per_weight": round(8.0 * tally.stored / max(tally.weights, 1), 3),
+        "weight_sqnr_db": (round(10.0 * float(np.log10(tally.err_den / tally.err_num)), 2) if tally.err_num > 0 else None),
+        "fallbacks": fallbacks,
+        "promoted": [],
+        "method": method[config.method],
+        "calibration": ("none (round to nearest)" if config.method == "rtn" else
+                        "one decoder layer at a time: each layer's weights live while its statistics are taken and"
+                        " its codes chosen"),
+    }
     return codes, summary
 
 
@@ -530,9 +694,6 @@ def apply(state: ModelState, config: QuantizeGGUFConfig, ctx: StepContext) -> St
 
         raise InputError("quantize.gguf takes a causal language model", where="quantize.gguf",
                          found=type(model).__name__, fix="use it on a model loaded from a .gguf file")
-    model = copy.deepcopy(model)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()  # a deep copy keeps the tie, but say so for every transformers version
     ctx.progress.log(f"quantize.gguf: {config.format} weights ({config.method}), {config.embedding_format} embeddings")
     calibration = None
     if config.method != "rtn" or config.promote or config.bits_per_weight is not None:
@@ -543,6 +704,24 @@ def apply(state: ModelState, config: QuantizeGGUFConfig, ctx: StepContext) -> St
             raise InputError("quantize.gguf with method imatrix or gptq, promote or bits_per_weight needs calibration"
                              " windows, and the split has none", where="quantize.gguf",
                              fix="give more text, or use method rtn, promote 0 and no bits_per_weight")
+    from shrinkml.models.lazy import (
+        CodesWeights,
+        attach,
+        is_lazy,
+        meta_copy,
+        retie,
+        source_of,
+    )
+
+    if is_lazy(model) and streams(config) and _walkable(model):
+        # the weights stay in their file: the walk materializes one layer at a time (values unchanged) and
+        # the result is a model without storage whose weights are the codes (CodesWeights)
+        codes, summary = quantize_model(model, config, calibration, ctx.progress)
+        out = meta_copy(model)
+        attach(out, CodesWeights(codes, source_of(model)))
+        return StepResult(ModelState("torch", torch_model=out.eval(), weight_codes=codes), summary)
+    model = copy.deepcopy(model)
+    retie(model)  # a deep copy keeps the tie, but say so for every transformers version
     codes, summary = quantize_model(model, config, calibration, ctx.progress)
     new = ModelState("torch", torch_model=model.eval(), weight_codes=codes)
     return StepResult(new, summary)

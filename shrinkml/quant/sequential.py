@@ -16,6 +16,7 @@ same Hessians (tested), so choosing codes layer by layer changes memory, not res
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,15 +114,12 @@ def layer_by_layer(model, windows, linear_names: set[str], *, head_name: str | N
                 raise ValueError(f"{name} has no weights and the model no weight source")
             materialize(layer, name, source)
         stats = LayerStatistics(index, name, layer, tokens=tokens)
-        handles = _hook_linears(layer, name, linear_names, stats, HessianAccumulator)
-        try:
-            with torch.inference_mode():
-                for b, (args, kwargs) in enumerate(calls):
-                    out = layer(hidden[b], *args, **kwargs)
-                    hidden[b] = out[0] if isinstance(out, tuple) else out
-        finally:
-            for h in handles:
-                h.remove()
+        linears = {full: m for sub, m in layer.named_modules() if (full := f"{name}.{sub}" if sub else name) in linear_names}
+        with recording_inputs(linears, stats.owner, stats.accumulators) as batch_done, torch.inference_mode():
+            for b, (args, kwargs) in enumerate(calls):
+                out = layer(hidden[b], *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+                batch_done()
         if progress is not None and (index + 1) % 10 == 0:
             progress.log(f"calibrated {index + 1} of {len(layers)} decoder layers")
         yield stats
@@ -138,27 +136,32 @@ def layer_by_layer(model, windows, linear_names: set[str], *, head_name: str | N
         yield stats
 
 
-def _hook_linears(layer, prefix: str, linear_names: set[str], stats: LayerStatistics, accumulator) -> list[Any]:
-    """Forward pre-hooks recording each named Linear's input; Linears fed the same tensor share one
-    accumulator (the first one's)."""
+@contextmanager
+def recording_inputs(modules: dict[str, Any], owner: dict[str, str], accumulators: dict[str, Any]):
+    """While open, forward pre-hooks add each module's input (by full name in ``modules``) to an
+    input Gram accumulator; modules fed the same tensor share one, the first one's, and
+    ``owner[name]`` says whose. Yields ``batch_done``, to call after each calibration batch (the
+    first batch's inputs stay referenced until then, so no two of them share an id)."""
+    from shrinkml.quant.gptq import HessianAccumulator
+
     seen: dict[int, str] = {}
-    alive: list[Any] = []  # the current batch's inputs stay referenced, so no two of them share an id
+    alive: list[Any] = []
 
     def hook(name: str):
         def record(_module, args):
             x = args[0]
-            if name not in stats.owner:
-                stats.owner[name] = seen.setdefault(id(x), name)
+            if name not in owner:
+                owner[name] = seen.setdefault(id(x), name)
                 alive.append(x)
-                if stats.owner[name] == name:
-                    stats.accumulators[name] = accumulator(x.shape[-1])
-            if stats.owner[name] == name:
-                stats.accumulators[name].add(x)
+                if owner[name] == name:
+                    accumulators[name] = HessianAccumulator(x.shape[-1])
+            if owner[name] == name:
+                accumulators[name].add(x)
         return record
 
-    handles = []
-    for sub, module in layer.named_modules():
-        full = f"{prefix}.{sub}" if sub else prefix
-        if full in linear_names:
-            handles.append(module.register_forward_pre_hook(hook(full)))
-    return handles
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    try:
+        yield alive.clear
+    finally:
+        for h in handles:
+            h.remove()

@@ -132,38 +132,18 @@ def calibration_hessians(model, windows, names: list[str], *, batch: int = 4) ->
     ``owner[name]`` names the module whose accumulator ``name`` uses."""
     import torch
 
-    from shrinkml.quant.gptq import HessianAccumulator
+    from shrinkml.quant.sequential import recording_inputs
 
     modules = dict(model.named_modules())
     owner: dict[str, str] = {}
-    accs: dict[str, HessianAccumulator] = {}
-    seen: dict[int, str] = {}
-    alive: list = []  # the first batch's inputs stay referenced, so no two of them share an id
-
-    def hook(name: str):
-        def record(_module, args):
-            x = args[0]
-            if name not in owner:
-                owner[name] = seen.setdefault(id(x), name)
-                alive.append(x)
-                if owner[name] == name:
-                    accs[name] = HessianAccumulator(x.shape[-1])
-            if owner[name] == name:
-                accs[name].add(x)
-        return record
-
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    accs: dict[str, Any] = {}
     tokens = 0
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(windows), batch):
-                ids = torch.as_tensor(windows[start : start + batch], dtype=torch.long)
-                model(input_ids=ids, use_cache=False)
-                tokens += ids.numel()
-                alive.clear()
-    finally:
-        for h in handles:
-            h.remove()
+    with recording_inputs({n: modules[n] for n in names}, owner, accs) as batch_done, torch.inference_mode():
+        for start in range(0, len(windows), batch):
+            ids = torch.as_tensor(windows[start : start + batch], dtype=torch.long)
+            model(input_ids=ids, use_cache=False)
+            tokens += ids.numel()
+            batch_done()
     return accs, owner, tokens
 
 

@@ -143,6 +143,19 @@ class GGUFFile:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._map[info.offset: info.offset + info.nbytes].reshape(info.byte_shape)
 
+    def drop_pages(self) -> None:
+        """Tell the system this process no longer needs the file's pages it has read (they stay in
+        the page cache, and are read again if asked for): a walk over the file's tensors then keeps
+        only the current ones resident, not every tensor it has passed."""
+        import mmap
+
+        handle = getattr(self._map, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                handle.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):  # a closed or unmappable file: nothing resident to drop
+                pass
+
 
 class _Header:
     """Bounded reads from the start of a GGUF file: every length is checked against what is left
@@ -345,6 +358,30 @@ def tensor_float32(reader: GGUFFile, name: str) -> np.ndarray:
         raise InputError(f"tensor {name!r} is {info.type_name}, which the gguf package cannot dequantize",
                          where=str(reader.path), fix="use a file of a common type (F16, Q8_0, Q4_K, ...)") from None
     return np.asarray(out, dtype=np.float32).reshape(info.shape)
+
+
+def dequantize_rows(reader: GGUFFile, name: str, index: np.ndarray) -> np.ndarray:
+    """Rows ``index`` of 2-D tensor ``name`` as float32 ``(len(index), cols)``, in the file's own
+    layout: only those rows' bytes read (blocks lie along rows) and dequantized as
+    :func:`tensor_float32` would."""
+    info = reader.tensor(name)
+    if len(info.shape) != 2:
+        raise ValueError(f"{name} is {len(info.shape)}-D; rows are read from 2-D tensors")
+    index = np.asarray(index, dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= info.shape[0]):
+        raise IndexError(f"{name} has {info.shape[0]} rows; asked for rows {int(index.min())}..{int(index.max())}")
+    if not index.size:
+        return np.empty((0, info.shape[1]), dtype=np.float32)
+    raw = np.ascontiguousarray(reader.raw(name)[index])
+    plain = _PLAIN.get(info.type_name)
+    if plain is not None:
+        return raw.view(plain).reshape(len(index), info.shape[1]).astype(np.float32)
+    try:
+        out = gguf.quants.dequantize(raw, info.qtype)
+    except NotImplementedError:
+        raise InputError(f"tensor {name!r} is {info.type_name}, which the gguf package cannot dequantize",
+                         where=str(reader.path), fix="use a file of a common type (F16, Q8_0, Q4_K, ...)") from None
+    return np.asarray(out, dtype=np.float32).reshape(len(index), info.shape[1])
 
 
 def tensor_codes(reader: GGUFFile, name: str) -> gb.BlockCodes:

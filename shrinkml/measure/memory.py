@@ -147,6 +147,26 @@ class _PeakSampler:
         self.peak = max(self.peak, self._process.memory_info().rss)
 
 
+_TRIM = None  # glibc's malloc_trim, once looked up (False where there is none)
+
+
+def return_freed_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). A long job that frees many mid-sized arrays (a layer's weights, its statistics)
+    otherwise keeps them in its heap: freed, reusable, but still resident."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
 def _kernel_peak_rss() -> int | None:
     """The kernel's exact RSS high-water mark of this process, in bytes (Linux: VmHWM)."""
     try:

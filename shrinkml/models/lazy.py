@@ -2,13 +2,16 @@
 
 A *lazy* model is a transformers ``*ForCausalLM`` built on PyTorch's ``meta`` device (shapes, no
 storage) with a *weight source* attached: Hugging Face tensor name -> float32 tensor, read on
-demand. Its embedding, final norm and rotary tables are real (every forward needs them); each
-decoder layer is materialized from the source when a step walks it and released after
-(``shrinkml.quant.sequential``), so a step's peak memory holds one layer, not the model.
+demand. Its final norm and rotary tables are real (every forward needs them); its token embedding
+stays in the source too, and a lookup reads only the rows of the tokens it is given
+(:func:`row_embedding`); each decoder layer is materialized from the source when a step walks it
+and released after (``shrinkml.quant.sequential``), so a step's peak memory holds one layer and
+the rows it looked up, not the model.
 
 Sources: :class:`GGUFWeights` (a llama-architecture GGUF, memory-mapped: a tensor is dequantized
 when asked for) and :class:`CodesWeights` (the block codes a quantizer chose, dequantized on
-demand: what a lazy step's output model holds). :func:`materialize_all` turns a lazy model into
+demand: what a lazy step's output model holds). Both give a whole tensor (``get``) or some of its
+rows (``rows``). :func:`materialize_all` turns a lazy model into
 an ordinary one, for steps that need every weight at once.
 """
 
@@ -45,6 +48,24 @@ class GGUFWeights:
             raise KeyError(f"{self.path} has no tensor for {name}")
         return torch.from_numpy(hf_tensor_float32(self.reader, self.gguf_names[name])[1])
 
+    def rows(self, name: str, index) -> Any:
+        """Rows ``index`` of tensor ``name`` as float32 (numpy), only those rows' blocks read and
+        dequantized. Not for Llama's q/k weights, whose rows the file stores permuted."""
+        import numpy as np
+
+        from shrinkml.formats.gguf_file import _qk_heads_for, dequantize_rows
+
+        if name not in self.gguf_names:
+            raise KeyError(f"{self.path} has no tensor for {name}")
+        gguf_name = self.gguf_names[name]
+        if _qk_heads_for(self.reader, gguf_name) is not None:
+            raise ValueError(f"{name}: the file stores its rows permuted; read it whole")
+        return dequantize_rows(self.reader, gguf_name, np.asarray(index, dtype=np.int64))
+
+    def drop_pages(self) -> None:
+        """Release the file's pages read so far from this process's resident memory."""
+        self.reader.drop_pages()
+
     def __deepcopy__(self, memo):  # read-only: copies of a model share it
         return self
 
@@ -70,6 +91,17 @@ class CodesWeights:
         value = self.codes[name]
         return torch.from_numpy(dequantize(value) if isinstance(value, BlockCodes) else np.asarray(value, np.float32))
 
+    def rows(self, name: str, index) -> Any:
+        """Rows ``index`` of tensor ``name`` as float32 (numpy): only those rows' codes dequantized."""
+        import numpy as np
+
+        from shrinkml.formats.gguf_blocks import BlockCodes, dequantize
+
+        if name not in self.codes:
+            return self.fallback.rows(name, index)
+        value, index = self.codes[name], np.asarray(index, dtype=np.int64)
+        return dequantize(value.take_rows(index)) if isinstance(value, BlockCodes) else np.asarray(value[index], np.float32)
+
     def __deepcopy__(self, memo):
         return self
 
@@ -79,7 +111,44 @@ def source_of(model) -> Any:
 
 
 def attach(model, source) -> None:
+    """Make ``source`` the weight source of ``model`` and of its row-reading embeddings."""
     object.__setattr__(model, _SOURCE_ATTR, source)
+    for module in model.modules():
+        if hasattr(module, _ROWS_OF):
+            object.__setattr__(module, _SOURCE_ATTR, source)
+
+
+_ROWS_OF = "_shrinkml_rows_of"  # on a row-reading embedding: the tensor name its rows come from
+_EMBEDDING_CLASSES: dict[type, type] = {}
+
+
+def row_embedding(embedding, name: str, source):
+    """``embedding`` (an ``nn.Embedding`` on the meta device) as one that looks up the rows of the
+    tokens it is given from ``source`` (tensor ``name``), never holding the whole table: a
+    vocabulary of 49,152 x 576 float32 is 113 MB, a calibration batch's distinct tokens a few MB.
+    Once its weight is real (:func:`materialize_all`) it is an ordinary embedding again."""
+    import torch
+
+    base = type(embedding)
+    cls = _EMBEDDING_CLASSES.get(base)
+    if cls is None:
+        def forward(self, input_ids):
+            if not self.weight.is_meta:
+                return base.forward(self, input_ids)
+            unique, inverse = torch.unique(input_ids, return_inverse=True)
+            table = getattr(self, _SOURCE_ATTR).rows(getattr(self, _ROWS_OF), unique.cpu().numpy())
+            return torch.from_numpy(table).to(self.weight.dtype)[inverse]
+
+        cls = type(f"RowReading{base.__name__}", (base,), {
+            "forward": forward,
+            "__doc__": f"{base.__name__} whose table stays in its weight source (shrinkml.models.lazy.row_embedding)."})
+        _EMBEDDING_CLASSES[base] = cls
+    if not isinstance(embedding, torch.nn.Embedding) or not embedding.weight.is_meta:
+        raise ValueError(f"{name}: only an nn.Embedding whose weight is on the meta device reads its rows lazily")
+    embedding.__class__ = cls
+    object.__setattr__(embedding, _ROWS_OF, name)
+    object.__setattr__(embedding, _SOURCE_ATTR, source)
+    return embedding
 
 
 def is_lazy(module) -> bool:
@@ -173,8 +242,12 @@ def lazy_causal_lm(config, source):
         raise ValueError(f"{type(model).__name__} has no list of decoder layers shrinkml can walk")
     base, prefix, layers, _ = parts
     base_prefix = prefix.rsplit(".", 1)[0]
+    embedding = model.get_input_embeddings()
     for child_name, child in base.named_children():
         if child is layers:
+            continue
+        if child is embedding and type(child) is torch.nn.Embedding and hasattr(source, "rows"):
+            row_embedding(child, f"{base_prefix}.{child_name}.weight", source)  # its rows are read when looked up
             continue
         if any(b.is_meta for b in child.buffers()):  # rotary tables: computed, not stored
             fresh = type(child)(config=model.config)

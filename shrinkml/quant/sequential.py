@@ -73,6 +73,7 @@ def layer_by_layer(model, windows, linear_names: set[str], *, head_name: str | N
     lazy model materialized is released once the caller has taken its statistics."""
     import torch
 
+    from shrinkml.measure.memory import return_freed_memory
     from shrinkml.models.lazy import (
         decoder_layers,
         is_lazy,
@@ -105,6 +106,7 @@ def layer_by_layer(model, windows, linear_names: set[str], *, head_name: str | N
                     raise ValueError(f"{type(base).__name__} never called its first decoder layer")
     finally:
         layers[0] = first
+    return_freed_memory()
     tokens = int(ids.numel())
     for index, layer in enumerate(layers):
         name = f"{prefix}.{index}"
@@ -123,8 +125,12 @@ def layer_by_layer(model, windows, linear_names: set[str], *, head_name: str | N
         if progress is not None and (index + 1) % 10 == 0:
             progress.log(f"calibrated {index + 1} of {len(layers)} decoder layers")
         yield stats
+        stats.accumulators.clear()
         if lazy:
             release(layer)
+            if hasattr(source, "drop_pages"):
+                source.drop_pages()  # the file's pages of this layer, read: not kept resident either
+        return_freed_memory()  # the layer's weights and statistics: freed, and not kept resident
     if head_name is not None:
         stats = LayerStatistics(None, head_name, None, tokens=tokens)
         with torch.inference_mode():

@@ -539,6 +539,9 @@ def lm_summary_table(report: dict) -> Table:
         row("Peak process memory while compressing", "", fmt_bytes(mem.get("process_peak_rss_bytes")),
             f"FP32 model {fmt_bytes(mem.get('fp32_model_bytes'))}"
             + (f" ({mem['peak_vs_fp32']:.2f}x)" if mem.get("peak_vs_fp32") else ""))
+        if mem.get("peak_above_libraries_bytes") is not None:
+            row("  of which above PyTorch + transformers imported", "", fmt_bytes(mem["peak_above_libraries_bytes"]),
+                f"{mem['peak_above_libraries_vs_fp32']:.2f}x the FP32 model")
     budget = get(report, "budget") or {}
     row(f"Budget: {budget.get('drop_type')} perplexity increase <= {budget.get('max_drop')}",
         "", "met" if budget.get("met") else "NOT met", f"worst case {fmt_sig(budget.get('worst_case_drop'))}")

@@ -28,30 +28,41 @@ from shrinkml.tasks.base import Task
 METRICS = ("perplexity", "kl_divergence", "top1_agreement")
 
 
+_POSITIONS = 64  # positions whose vocabulary-wide temporaries exist at once (bounds the memory of scoring)
+
+
 def window_statistics(logits, ids, first, reference_logits=None) -> dict[str, np.ndarray]:
     """Per-window sums for a batch: ``nll`` (sum of target NLLs), ``tokens`` (targets scored), and
     with ``reference_logits``: ``kl`` (sum of per-token KL(reference || logits)) and ``top1`` (count
     of tokens whose argmax agrees). ``logits``: torch ``(B, T, V)``; ``ids``: ``(B, T)`` token ids;
     ``first``: ``(B,)`` first scored target position of each window (position ``t`` predicts
-    ``ids[t]`` from ``logits[t - 1]``)."""
+    ``ids[t]`` from ``logits[t - 1]``). The vocabulary-wide log-softmaxes are taken a few dozen
+    positions at a time, so scoring needs little beyond the logits themselves."""
     import torch
 
-    logits = torch.as_tensor(logits).float()
+    logits = torch.as_tensor(logits)
     ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
     b, t, _ = logits.shape
     first = torch.as_tensor(np.asarray(first), dtype=torch.long)
-    positions = torch.arange(1, t).unsqueeze(0)  # target positions 1..T-1
-    mask = positions >= first.unsqueeze(1)  # (B, T-1)
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # predictions for targets 1..T-1
-    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    out = {"nll": (nll * mask).sum(1).double().numpy(), "tokens": mask.sum(1).double().numpy()}
-    if reference_logits is not None:
-        ref = torch.log_softmax(torch.as_tensor(reference_logits).float()[:, :-1], dim=-1)
-        kl = (ref.exp() * (ref - logp)).sum(-1).clamp(min=0.0)  # exact, over the whole vocabulary
-        agree = (ref.argmax(-1) == logp.argmax(-1)).float()
-        out["kl"] = (kl * mask).sum(1).double().numpy()
-        out["top1"] = (agree * mask).sum(1).double().numpy()
-    return out
+    reference = None if reference_logits is None else torch.as_tensor(reference_logits)
+    sums = {key: torch.zeros(b, dtype=torch.float64) for key in ("nll", "tokens", *(("kl", "top1") if reference is not None else ()))}
+    for start in range(0, t - 1, _POSITIONS):
+        stop = min(start + _POSITIONS, t - 1)  # logits of positions start..stop-1 predict targets start+1..stop
+        positions = torch.arange(start + 1, stop + 1).unsqueeze(0)
+        mask = positions >= first.unsqueeze(1)  # (B, chunk)
+        logp = torch.log_softmax(logits[:, start:stop].float(), dim=-1)
+        nll = -logp.gather(-1, ids[:, start + 1 : stop + 1].unsqueeze(-1)).squeeze(-1)
+        sums["nll"] += (nll * mask).sum(1).double()
+        sums["tokens"] += mask.sum(1).double()
+        if reference is not None:
+            ref = torch.log_softmax(reference[:, start:stop].float(), dim=-1)
+            kl = (ref.exp() * (ref - logp)).sum(-1).clamp(min=0.0)  # exact, over the whole vocabulary
+            agree = (ref.argmax(-1) == logp.argmax(-1)).float()
+            sums["kl"] += (kl * mask).sum(1).double()
+            sums["top1"] += (agree * mask).sum(1).double()
+            del ref, kl
+        del logp
+    return {key: value.numpy() for key, value in sums.items()}
 
 
 def ratio_of_sums(num: np.ndarray, den: np.ndarray) -> float:

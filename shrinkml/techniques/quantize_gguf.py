@@ -513,6 +513,24 @@ def _walkable(model) -> bool:
 _ROWS = 4096  # rows quantized at once by the layer-by-layer route
 
 
+class _SourceRows:
+    """A weight that stays in its source, read by rows when sliced (``w[i:j]``, ``w[index]``): what
+    the layer-by-layer route quantizes the embedding table from, in bounded row blocks."""
+
+    def __init__(self, source, name: str, shape: tuple[int, int]) -> None:
+        self.source, self.name, self.shape = source, name, shape
+        self.size = shape[0] * shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        import numpy as np
+
+        rows = np.arange(*index.indices(self.shape[0])) if isinstance(index, slice) else np.asarray(index)
+        return self.source.rows(self.name, rows)
+
+
 def _quantize_streaming(model, config: QuantizeGGUFConfig, calibration, log) -> tuple[dict[str, Any], dict[str, Any]]:
     """:func:`quantize_model` one decoder layer at a time (``shrinkml.quant.sequential``): each
     layer's weights live only while its statistics are taken and its codes chosen; a lazy model's
@@ -533,6 +551,9 @@ def _quantize_streaming(model, config: QuantizeGGUFConfig, calibration, log) -> 
 
     def current(name: str):  # looked up when used: a lazy layer's parameters are new once materialized
         param = model.get_input_embeddings().weight if name == _EMBEDDING else model.get_parameter(name)
+        if param.is_meta and roles[name] != "linear" and hasattr(source, "rows"):
+            # a vocabulary-sized table (the embedding, an untied head): a few thousand rows at a time
+            return _SourceRows(source, name, tuple(param.shape)), None
         w = (source.get(name) if param.is_meta else param.detach()).float().cpu().numpy()
         if write_back:
             return w.copy(), param  # a copy: the parameter is overwritten with the codes' values

@@ -185,6 +185,24 @@ def test_tensors_may_be_float_arrays_or_packed_blocks_and_alignment_is_kept(tmp_
     gguf.GGUFReader(str(out))  # and gguf reads it
 
 
+@pytest.mark.parametrize("fmt", ["F32", "F16", "Q5_1", "Q4_K"])
+def test_rows_of_a_tensor_are_read_and_dequantized_alone_as_the_whole_tensor_gives_them(fmt, tmp_path):
+    src = gf.read_gguf(tiny_llama(tmp_path / "src.gguf"))
+    w = gf.tensor_float32(src, "blk.0.ffn_down.weight") if fmt == "Q4_K" else gf.tensor_float32(src, "token_embd.weight")
+    name = "blk.0.ffn_down.weight" if fmt == "Q4_K" else "token_embd.weight"  # Q4_K: 256 columns
+    value = ((gb.pack(gb.quantize_rtn(w, fmt)), fmt) if fmt.startswith("Q") else
+             w.astype(np.float16) if fmt == "F16" else w)
+    back = gf.read_gguf(gf.write_gguf(tmp_path / f"{fmt}.gguf", source=src, tensors={name: value}))
+    whole = gf.tensor_float32(back, name)
+    index = np.array([3, 0, 3, len(whole) - 1])
+    assert np.array_equal(gf.dequantize_rows(back, name, index), whole[index])
+    back.drop_pages()  # the pages read leave this process; reading again faults them back in
+    assert np.array_equal(gf.dequantize_rows(back, name, index), whole[index])
+    assert gf.dequantize_rows(back, name, np.array([], np.int64)).shape == (0, whole.shape[1])
+    with pytest.raises(IndexError, match=f"has {len(whole)} rows"):
+        gf.dequantize_rows(back, name, np.array([len(whole)]))
+
+
 def test_tied_embeddings_stay_tied_and_bad_tensors_are_refused(source, tmp_path):
     src = gf.read_gguf(source)
     embd = gf.tensor_float32(src, "token_embd.weight")

@@ -80,8 +80,15 @@ def test_a_lazy_gguf_model_keeps_its_layers_in_the_file_until_they_are_read(lazy
 
     model = lazy_smol.module
     assert is_lazy(model) and all(is_lazy(layer) for layer in model.model.layers)
-    assert not is_lazy(model.model.embed_tokens) and not is_lazy(model.model.norm)
+    assert not is_lazy(model.model.norm)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, stored once
+    # the 113 MB table stays in the file too: a lookup reads and dequantizes its tokens' rows only
+    assert model.model.embed_tokens.weight.is_meta
+    table = hf_tensor_float32(read_gguf(GGUF), "token_embd.weight")[1]
+    ids = torch.tensor([[5, 49151, 5, 0], [17, 17, 300, 2]])
+    with torch.inference_mode():
+        looked_up = model.model.embed_tokens(ids)
+    np.testing.assert_array_equal(looked_up.numpy(), table[ids.numpy()])
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert any("loaded lazily" in note for note in lazy_smol.notes)
     layer = model.model.layers[3]
@@ -123,6 +130,12 @@ def test_the_step_on_a_lazy_model_leaves_it_lazy_and_returns_its_codes(lazy_smol
     # the norms were not quantized: the output reads them from the original file
     np.testing.assert_array_equal(source_of(out).get("model.norm.weight").numpy(),
                                   hf_tensor_float32(read_gguf(GGUF), "output_norm.weight")[1])
+    # the output's embedding looks its rows up in the codes the step chose (Q8_0 of the file's table)
+    table = gb.dequantize(codes["model.embed_tokens.weight"])
+    ids = torch.tensor([[3, 49000, 3, 12]])
+    with torch.inference_mode():
+        np.testing.assert_array_equal(out.model.embed_tokens(ids).numpy(), table[ids.numpy()])
+    assert out.lm_head.weight is out.model.embed_tokens.weight
 
 
 _UNDER_A_LIMIT = textwrap.dedent("""

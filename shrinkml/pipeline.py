@@ -40,6 +40,8 @@ class Prepared:
     splits: Splits
     example: np.ndarray  # one calibration batch, for tracing and export
     settings: RunSettings
+    # a causal LM's run: this process's RSS with its libraries imported, before the model was read
+    libraries_rss: int | None = None
 
 
 def _check_forward(loaded, example: np.ndarray, source: str, threads: int) -> np.ndarray:
@@ -86,7 +88,7 @@ def _close(generator) -> None:
         close()
 
 
-def _prepare_lm(task, loaded, data, settings: RunSettings) -> Prepared:
+def _prepare_lm(task, loaded, data, settings: RunSettings, libraries_rss: int | None = None) -> Prepared:
     """Split the text by text, then window it with the model's tokenizer (``shrinkml.data.lm``)."""
     import torch
 
@@ -118,7 +120,36 @@ def _prepare_lm(task, loaded, data, settings: RunSettings) -> Prepared:
         with torch.inference_mode():
             logits = loaded.module(input_ids=torch.as_tensor(example)).logits.float().numpy()
         task.check_outputs(splits, logits, loaded.source)
-    return Prepared(task, loaded, splits, example, settings)
+    from shrinkml.measure.memory import return_freed_memory
+
+    return_freed_memory()  # what reading the file and the tokenizer's conversion left freed
+    return Prepared(task, loaded, splits, example, settings, libraries_rss)
+
+
+def refuse_lm_output(runtime_name: str) -> None:
+    """Refuse, before any step runs, a runtime that cannot measure what a causal LM's compression
+    writes (a GGUF file): measuring something else in its place would report figures of a model
+    nobody deploys."""
+    rt = runtime(runtime_name)
+    if not getattr(rt, "measures_gguf", True):
+        raise InputError(
+            f"--runtime {runtime_name} measures a causal LM's input model, but not yet the GGUF file that compress"
+            " and search write for it", where=f"--runtime {runtime_name}",
+            expected="--runtime llamacpp (the file on llama.cpp) or --runtime torch",
+            fix=f"compress with --runtime llamacpp or torch; `shrinkml bench --runtime {runtime_name}` measures the"
+                " input model")
+
+
+def _libraries_rss() -> int | None:
+    """This process's RSS once the libraries a causal LM's run needs are imported (PyTorch,
+    transformers), before any model is read: what the compression's memory is counted above."""
+    try:
+        import psutil
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:  # the loader says what is missing
+        return None
+    return int(psutil.Process().memory_info().rss)
 
 
 def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
@@ -130,12 +161,13 @@ def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
         raise InputError(f"--runtime {settings.runtime} measures causal language models only, not --task {task.name}",
                          where=f"--runtime {settings.runtime}", expected="--task perplexity with a causal LM",
                          fix="pass --runtime onnxruntime, openvino or torch for this model")
+    libraries_rss = _libraries_rss() if task.causal_lm else None
     # first: text data is tokenized by the model's tokenizer
     loaded = load_model(model, weights, random_weights=settings.random_weights,
                         lazy_lm=getattr(runtime(settings.runtime), "lazy_lm", False))
     if loaded.lm is not None or task.causal_lm:
         _check_causal_lm(loaded, task)
-        return _prepare_lm(task, loaded, data, settings)
+        return _prepare_lm(task, loaded, data, settings, libraries_rss)
     encoding = None
     if loaded.text is not None:
         from shrinkml.data.text import DEFAULT_MAX_LENGTH, TextEncoding
@@ -369,6 +401,7 @@ class Pipeline:
         from shrinkml.techniques.base import lm_refusal, registry
 
         p, s = self.prepared, self.settings
+        refuse_lm_output(s.runtime)
         techniques = registry()
         for i, step in enumerate(recipe.steps):
             why = lm_refusal(techniques[step.technique], p.loaded)
@@ -388,12 +421,17 @@ class Pipeline:
             from shrinkml.models.lazy import is_lazy
 
             fp32 = 4 * sum(t.numel() for t in p.loaded.module.parameters())
+            above = None if p.libraries_rss is None else int(sampler.peak) - p.libraries_rss
             memory = {"process_rss_before_bytes": int(before), "process_peak_rss_bytes": int(sampler.peak),
                       "fp32_model_bytes": fp32, "peak_vs_fp32": round(sampler.peak / fp32, 3),
+                      "libraries_rss_bytes": p.libraries_rss, "peak_above_libraries_bytes": above,
+                      "peak_above_libraries_vs_fp32": None if above is None else round(above / fp32, 3),
                       "model_in_memory": ("lazy: the decoder layers stay in the GGUF file, one read at a time"
                                           if is_lazy(p.loaded.module) else "whole (float32)"),
-                      "scope": "this process (PyTorch and the tokenizer loaded), while the steps ran and model.gguf"
-                               " was written"}
+                      "scope": "this process's peak RSS while the steps ran and model.gguf was written (PyTorch,"
+                               " transformers, the tokenizer and the tokenized text loaded); peak_above_libraries: that"
+                               " peak less the RSS once PyTorch and transformers were imported, before the model was"
+                               " read"}
             self.progress.log(f"wrote {gguf_path.stat().st_size:,} bytes of GGUF; loading it back on its own")
             # what a user deploys, read as a user reads it, on the runtime the report names
             generators = {"baseline": self._lm_generator(loaded=p.loaded),

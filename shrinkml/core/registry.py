@@ -55,6 +55,7 @@ class LazyRegistry:
 RUNTIMES = LazyRegistry("runtime")
 RUNTIMES.add("llamacpp", "shrinkml.runtimes.llamacpp:RUNTIME")
 RUNTIMES.add("onnxruntime", "shrinkml.runtimes.onnxruntime:RUNTIME")
+RUNTIMES.add("onnxruntime-genai", "shrinkml.runtimes.ortgenai:RUNTIME")
 RUNTIMES.add("openvino", "shrinkml.runtimes.openvino:RUNTIME")
 RUNTIMES.add("torch", "shrinkml.runtimes.torch_eager:RUNTIME")
 

@@ -56,6 +56,9 @@ class LMTrialEvaluator:
                              found=str(targets.batch), fix="leave --batch at 1")
         self.validation = validation
         self.splits = replace(p.splits, test=SealedData(len(p.splits.test)))
+        from shrinkml.pipeline import refuse_lm_output
+
+        refuse_lm_output(pipe.settings.runtime)
         self.runtime = runtime(pipe.settings.runtime)
         self.context = int(validation.x.shape[1])
         self.prompt = validation.x[0]

@@ -169,7 +169,7 @@ COMMON = {
         RuntimeName("onnxruntime"),
         help="Where the models are timed: onnxruntime (CPU), openvino (CPU; pip install 'shrinkml[openvino]'),"
         " torch (PyTorch eager), llamacpp (causal LMs' GGUF files in llama.cpp; pip install 'shrinkml[llamacpp]')"
-        " or onnxruntime-genai (bench only: a causal LM built as an ORT GenAI folder; pip install 'shrinkml[ortgenai]').",
+        " or onnxruntime-genai (causal LMs as ORT GenAI folders; pip install 'shrinkml[ortgenai]').",
     ),
     "threads": typer.Option(None, help="Threads for inference and training (default: min(cores, 4))."),
     "batch_n": typer.Option(None, "--batch-n", help="The larger batch size timed besides batch 1 (default 32)."),

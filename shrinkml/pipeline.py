@@ -126,18 +126,18 @@ def _prepare_lm(task, loaded, data, settings: RunSettings, libraries_rss: int | 
     return Prepared(task, loaded, splits, example, settings, libraries_rss)
 
 
-def refuse_lm_output(runtime_name: str) -> None:
+def refuse_lm_output(runtime_name: str, *, search: bool = False) -> None:
     """Refuse, before any step runs, a runtime that cannot measure what a causal LM's compression
-    writes (a GGUF file): measuring something else in its place would report figures of a model
-    nobody deploys."""
+    writes (a GGUF file, unless the runtime writes its own artifact: ``write_lm``; search trials
+    write GGUF files): measuring something else in its place would report a model nobody deploys."""
     rt = runtime(runtime_name)
-    if not getattr(rt, "measures_gguf", True):
+    if not getattr(rt, "measures_gguf", True) and (search or not hasattr(rt, "write_lm")):
         raise InputError(
-            f"--runtime {runtime_name} measures a causal LM's input model, but not yet the GGUF file that compress"
-            " and search write for it", where=f"--runtime {runtime_name}",
-            expected="--runtime llamacpp (the file on llama.cpp) or --runtime torch",
-            fix=f"compress with --runtime llamacpp or torch; `shrinkml bench --runtime {runtime_name}` measures the"
-                " input model")
+            f"--runtime {runtime_name} does not measure the GGUF files that {'search' if search else 'compress'}"
+            " writes for a causal LM", where=f"--runtime {runtime_name}",
+            expected="--runtime llamacpp (the files on llama.cpp) or --runtime torch",
+            fix=f"search with --runtime llamacpp or torch, then compress the recipe it found with --runtime {runtime_name}"
+            if search else "pass --runtime llamacpp or torch")
 
 
 def _libraries_rss() -> int | None:
@@ -378,11 +378,13 @@ class Pipeline:
         return build_lm_bench_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits,
                                      measurement=measurement, environment=environment(threads=s.threads, seed=s.seed))
 
-    def _lm_generator(self, *, loaded=None, gguf_path=None):
-        """The runtime's loaded causal LM: the input model, or a written GGUF read back on its own."""
+    def _lm_generator(self, *, loaded=None, gguf_path=None, folder=None):
+        """The runtime's loaded causal LM: the input model, or a written GGUF (or the runtime's own
+        folder) read back on its own."""
         p, s = self.prepared, self.settings
+        where = {"folder": folder} if folder is not None else {}
         return runtime(s.runtime).lm_generator(loaded=loaded, gguf_path=gguf_path, threads=s.threads,
-                                                   context=int(p.splits.test.x.shape[1]), new_tokens=s.new_tokens)
+                                               context=int(p.splits.test.x.shape[1]), new_tokens=s.new_tokens, **where)
 
     def _refuse_lm(self, verb: str) -> None:
         if self.prepared.task.causal_lm:
@@ -414,10 +416,16 @@ class Pipeline:
 
             # no causal-LM step distils: no teacher copy of the model
             ctx = _step_context(p.loaded, p.splits, p.task, p.example, s, self.progress, workdir, budget, teacher=False)
+            rt = runtime(s.runtime)
+            writes_own = hasattr(rt, "write_lm")  # a runtime whose artifact is not a GGUF file (ORT GenAI's folder)
             with _PeakSampler() as sampler:
                 before = sampler.peak
                 state, step_reports = self._apply(recipe.steps, ctx)
-                gguf_path = write_lm_gguf(state, p.loaded, workdir / "model.gguf")
+                if not writes_own:
+                    artifact = write_lm_gguf(state, p.loaded, workdir / "model.gguf")
+            if writes_own:  # its builder runs in a child process: not in this process's memory figure
+                self.progress.log(f"writing the {rt.artifact_format} (its builder, in a child process)")
+                artifact = rt.write_lm(state, p.loaded, workdir / rt.artifact_name, threads=s.threads)
             from shrinkml.models.lazy import is_lazy
 
             fp32 = 4 * sum(t.numel() for t in p.loaded.module.parameters())
@@ -428,14 +436,19 @@ class Pipeline:
                       "peak_above_libraries_vs_fp32": None if above is None else round(above / fp32, 3),
                       "model_in_memory": ("lazy: the decoder layers stay in the GGUF file, one read at a time"
                                           if is_lazy(p.loaded.module) else "whole (float32)"),
-                      "scope": "this process's peak RSS while the steps ran and model.gguf was written (PyTorch,"
-                               " transformers, the tokenizer and the tokenized text loaded); peak_above_libraries: that"
+                      "scope": "this process's peak RSS while the steps ran and model.gguf was written (an ORT"
+                               " GenAI folder's builder runs after, in a child process; PyTorch, transformers, the"
+                               " tokenizer and the tokenized text loaded); peak_above_libraries: that"
                                " peak less the RSS once PyTorch and transformers were imported, before the model was"
                                " read"}
-            self.progress.log(f"wrote {gguf_path.stat().st_size:,} bytes of GGUF; loading it back on its own")
+            from shrinkml.measure.lm import artifact_bytes
+
+            size = artifact_bytes(artifact)
+            self.progress.log(f"wrote {size:,} bytes ({artifact.name}); loading it back on its own")
             # what a user deploys, read as a user reads it, on the runtime the report names
             generators = {"baseline": self._lm_generator(loaded=p.loaded),
-                          "compressed": self._lm_generator(gguf_path=gguf_path)}
+                          "compressed": (self._lm_generator(folder=artifact) if writes_own
+                                         else self._lm_generator(gguf_path=artifact))}
             try:
                 figures = assess_lm_pair(generators, p.splits, context_length=p.loaded.lm.context_length,
                                          repeats=s.repeats, seed=s.seed, resamples=s.bootstrap_resamples,
@@ -443,15 +456,18 @@ class Pipeline:
             finally:
                 for g in generators.values():
                     _close(g)
-            sizes = {"baseline": deployable_bytes(p.loaded), "compressed": gguf_path.stat().st_size}
+            sizes = {"baseline": deployable_bytes(p.loaded), "compressed": size}
+            described = ({"file": artifact.name, "description": f"the compressed model, a {rt.artifact_format} that"
+                          " loads on its own"} if writes_own else None)
             report = build_lm_report(loaded=p.loaded, task=p.task, settings=s, splits=p.splits, figures=figures,
                                      sizes=sizes, budget=budget, recipe=recipe, steps=step_reports,
-                                     environment=environment(threads=s.threads, seed=s.seed), memory=memory)
+                                     environment=environment(threads=s.threads, seed=s.seed), memory=memory,
+                                     artifact=described)
             files: dict[str, Path] = {}
             if folder is not None:
                 import json
 
-                files = where.commit({"model.gguf": gguf_path, "recipe.yaml": recipe.to_yaml(),
+                files = where.commit({artifact.name: artifact, "recipe.yaml": recipe.to_yaml(),
                                       "report.json": json.dumps(report, indent=2, allow_nan=False) + "\n"})
         return report, state, files
 

@@ -58,7 +58,7 @@ class LMTrialEvaluator:
         self.splits = replace(p.splits, test=SealedData(len(p.splits.test)))
         from shrinkml.pipeline import refuse_lm_output
 
-        refuse_lm_output(pipe.settings.runtime)
+        refuse_lm_output(pipe.settings.runtime, search=True)
         self.runtime = runtime(pipe.settings.runtime)
         self.context = int(validation.x.shape[1])
         self.prompt = validation.x[0]

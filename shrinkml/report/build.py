@@ -211,11 +211,16 @@ _LM_MEASURED = {
     "llamacpp": "llama.cpp on CPU (llama-cpp-python), both models from their GGUF files: the original .gguf and"
                 " the written model.gguf, each loaded on its own; quality from llama.cpp's logits (its kernels"
                 " quantize activations to 8 bits for quantized matrix products), speed with llama.cpp's kernels",
+    "onnxruntime-genai": "ONNX Runtime GenAI on CPU, both models as folders its model builder made: the input model"
+                         " built at fp32, the compressed one from its block codes (a GPTQ checkpoint, MatMulNBits);"
+                         " each loaded on its own, with ORT GenAI's KV cache; the baseline's size is the input's files",
 }
+_GGUF_ARTIFACT = {"file": "model.gguf", "description": "the compressed model, a GGUF file that loads on its own"
+                  " (llama.cpp, transformers)"}
 
 
 def build_lm_report(*, loaded, task, settings, splits, figures: dict, sizes: dict, budget, recipe, steps: list[dict],
-                    environment: dict, memory: dict | None = None) -> dict[str, Any]:
+                    environment: dict, memory: dict | None = None, artifact: dict | None = None) -> dict[str, Any]:
     """The ``shrinkml.lm_report/1`` dict of one causal-LM compress run: sizes, perplexity of both with
     CIs, KL and top-1 agreement of the compressed against the original, the perplexity increase with
     its paired CI (the budget reads its worst end), and interleaved generation speed."""
@@ -243,8 +248,7 @@ def build_lm_report(*, loaded, task, settings, splits, figures: dict, sizes: dic
                  "context_tokens": int(splits.test.x.shape[1]), "scored_tokens": bq["scored_tokens"],
                  "windows": "texts split by text first, then cut into windows; the test windows read only test texts"},
         "baseline": side(base, sizes["baseline"], {"file": None, "description": f"the input model {loaded.source}"}),
-        "compressed": side(comp, sizes["compressed"], {"file": "model.gguf", "description":
-                           "the compressed model, a GGUF file that loads on its own (llama.cpp, transformers)"}),
+        "compressed": side(comp, sizes["compressed"], artifact or _GGUF_ARTIFACT),
         "delta": {
             "size_ratio": ratio(sizes["baseline"], sizes["compressed"]),
             "perplexity_increase": cq["perplexity_increase"],

@@ -53,6 +53,9 @@ PRECISIONS = ("fp32", "int4", "int8")  # what the builder makes for the CPU exec
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 PREQUANTIZED_METHODS = ("gptq", "awq")  # quant_method values the builder reads qweight/qzeros/scales of
 BUILD_TIMEOUT_S = 3600
+# llama.cpp block formats whose values are exactly GPTQ's scale * (q - zero) with groups of 32: bits and the
+# offset that turns the stored code into GPTQ's unsigned one (Q4_0: d * (q - 8), q 0..15; Q8_0: d * q, q signed)
+_GPTQ_OF = {"Q4_0": (4, 0), "Q8_0": (8, 128)}
 
 
 def _import():
@@ -432,9 +435,10 @@ class OrtGenAI:
     artifact_suffix = ""
     artifact_format = "onnxruntime-genai folder"
     causal_lm_only = True
-    # compress writes a causal LM as GGUF; rebuilding that file's dequantized weights as an fp32 folder
-    # would measure a model nobody deploys, so compress and search refuse this runtime (bench only)
+    # what search writes for a causal LM is GGUF, which this runtime does not measure (an fp32 rebuild of
+    # a file's dequantized weights would be a model nobody deploys): compress writes a folder (write_lm)
     measures_gguf = False
+    artifact_name = "model"  # compress's OUT/model: the ORT GenAI folder
 
     def __init__(self) -> None:
         # one fp32 folder per loaded module, kept while this object lives: building costs seconds to
@@ -482,6 +486,51 @@ class OrtGenAI:
                                  fix="measure the GGUF on --runtime llamacpp or torch")
             folder = self.fp32_folder(loaded, threads=threads)
         return OrtGenAIGenerator(folder, threads=threads, context=context, new_tokens=new_tokens)
+
+    def write_lm(self, state, loaded, path: Path, *, threads: int) -> Path:
+        """The compressed causal LM ``state`` as an ORT GenAI folder at ``path``: its Q4_0 / Q8_0 block
+        codes written as a GPTQ checkpoint (group 32, integer zero point 8 / 128: the same values
+        exactly) and built by ORT GenAI's builder into ``MatMulNBits``; the embedding and output head
+        stay float32 holding the values the step chose (the builder's GPTQ route keeps them float)."""
+        from shrinkml.formats.gguf_blocks import BlockCodes
+
+        codes = state.weight_codes
+        if not codes:
+            raise InputError("a causal-LM recipe must end with a step that chooses block codes (quantize.gguf)",
+                             where="the recipe", fix="add a quantize.gguf step at the end")
+        module = state.torch_model
+        linears: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        bits_seen: set[int] = set()
+        head = module.get_output_embeddings()
+        head_name = next((n for n, m in module.named_modules() if m is head), None)
+        for name, value in codes.items():
+            module_name = name.removesuffix(".weight")
+            if not isinstance(value, BlockCodes) or module_name in (head_name, "model.embed_tokens"):
+                continue  # float tensors, the embedding and the head: written float by the checkpoint
+            fmt = value.fmt.name
+            if fmt not in _GPTQ_OF:
+                raise InputError(
+                    f"{name} is {fmt}, which ONNX Runtime's MatMulNBits cannot hold exactly", where="the recipe's"
+                    " quantize.gguf step", expected="format Q4_0 or Q8_0 (a scale per 32 weights and an integer"
+                    " zero point)", found=fmt, fix="use format: Q4_0 or Q8_0 with --runtime onnxruntime-genai, or"
+                    " --runtime llamacpp for the other block formats")
+            bits, offset = _GPTQ_OF[fmt]
+            bits_seen.add(bits)
+            q = value.codes.astype(np.int16) + offset  # Q8_0's signed codes to 0..255, Q4_0's stay 0..15
+            zeros = np.full(value.d.shape, 1 << (bits - 1), dtype=np.int16)
+            linears[module_name] = (q.astype(np.uint8), value.d.astype(np.float32), zeros)
+        if len(bits_seen) != 1:
+            raise InputError("ORT GenAI's builder takes one bit width per checkpoint", where="the recipe's"
+                             " quantize.gguf step", found=f"{sorted(bits_seen) or 'no'} bit Linear codes",
+                             fix="quantize every Linear to one format (no promote / bits_per_weight) for this runtime")
+        (bits,) = bits_seen
+        path = Path(path)
+        checkpoint = path.parent / f".{path.name}.gptq"
+        try:
+            write_gptq_checkpoint(module, linears, checkpoint, bits, 32, tokenizer=loaded.lm.tokenizer)
+            return build_folder(checkpoint, path, precision=f"int{bits}", threads=threads)
+        finally:
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
     def load_instruction(self, file_name: str) -> str:
         return (f"onnxruntime-genai: model = og.Model(og.Config({file_name!r})); tokenizer = og.Tokenizer(model)"

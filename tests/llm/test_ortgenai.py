@@ -415,14 +415,56 @@ def test_bench_measures_a_hugging_face_causal_lm_on_ort_genai(hf_dir, prose_txt,
 
 
 @needs_all
-def test_compress_refuses_ort_genai_before_any_step_runs(prose_txt, tmp_path, capsys):
-    """compress writes a causal LM as GGUF, which this runtime does not measure: exit 2, nothing written."""
+def test_compress_writes_an_ort_genai_folder_of_exactly_the_chosen_codes(prose_txt, tmp_path, capsys):
+    """shrinkml compress --runtime onnxruntime-genai with recipes/llm-q8_0.yaml: OUT/model is the folder
+    ORT GenAI's builder made from the step's Q8_0 codes (8-bit MatMulNBits holding exactly those values),
+    measured by ORT GenAI against the input built at fp32, its size the folder's bytes."""
+    import json
+
     from shrinkml.cli import main
+    from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.formats.gguf_file import hf_tensor_float32, read_gguf
 
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "llm-q8_0.yaml"
     out = tmp_path / "out"
     code = main(["compress", "--model", str(GGUF), "--data", str(prose_txt), "--task", "perplexity", "--runtime",
-                 "onnxruntime-genai", "--recipe", str(recipe), "--out", str(out), "--max-length", "64"])
-    err = " ".join(capsys.readouterr().err.split())
-    assert code == 2 and "not yet the GGUF file" in err and "--runtime llamacpp" in err
-    assert not out.exists()
+                 "onnxruntime-genai", "--recipe", str(recipe), "--out", str(out), "--max-length", "64", "--new-tokens",
+                 "4", "--repeats", "10", "--threads", str(THREADS), "--max-drop", "0.05", "--drop-type", "relative",
+                 "--json"])
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert code == (0 if report["budget"]["met"] else 1), captured.err[-2000:]
+    folder = out / "model"
+    assert (folder / "genai_config.json").is_file() and not (out / "model.gguf").exists()
+    assert report["compressed"]["artifact"]["file"] == "model"
+    assert report["compressed"]["size_bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    described = report["runtime"]["compressed"]["weights"]
+    assert [e["bits"] for e in described["MatMulNBits"]] == [8] and described["MatMulNBits"][0]["count"] == 150  # q/k/v fused
+    assert report["compressed"]["metrics"]["top1_agreement"]["value"] > 0.9
+    # the folder's 8-bit weights are exactly the step's Q8_0 codes of the file's float weights
+    weights = folder_weights(folder)
+    w = hf_tensor_float32(read_gguf(GGUF), "blk.3.ffn_down.weight")[1]
+    np.testing.assert_array_equal(weights["/model/layers.3/mlp/down_proj/MatMulNBits"],
+                                  gb.dequantize(gb.quantize_rtn(w, "Q8_0")))
+
+
+def test_codes_matmulnbits_cannot_hold_and_search_are_refused_naming_the_way_out(tiny_llama_dir, tmp_path):
+    """Q4_1's float minimum has no integer zero point: write_lm refuses it before building; search
+    writes GGUF trials, which this runtime does not measure."""
+    import transformers
+
+    from shrinkml.core.types import ModelState
+    from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.pipeline import refuse_lm_output
+    from shrinkml.runtimes.ortgenai import OrtGenAI
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    w = model.model.layers[0].mlp.up_proj.weight.detach().numpy()
+    state = ModelState("torch", torch_model=model, weight_codes={"model.layers.0.mlp.up_proj.weight": gb.quantize_rtn(w, "Q4_1")})
+    loaded = type("Loaded", (), {"lm": type("LM", (), {"tokenizer": None})()})()
+    with pytest.raises(InputError, match="Q4_1, which ONNX Runtime's MatMulNBits cannot hold exactly") as info:
+        OrtGenAI().write_lm(state, loaded, tmp_path / "model", threads=1)
+    assert "Q4_0 or Q8_0" in info.value.fix and not (tmp_path / "model").exists()
+    refuse_lm_output("onnxruntime-genai")  # compress: it writes its own folder
+    with pytest.raises(InputError, match="does not measure the GGUF files that search writes"):
+        refuse_lm_output("onnxruntime-genai", search=True)

@@ -397,7 +397,7 @@ class Pipeline:
         """A causal-LM recipe: apply it, write the GGUF, load that file back on its own and measure it
         against the original on the same windows and rounds (``shrinkml.measure.lm``)."""
         from shrinkml.environment import environment
-        from shrinkml.measure.lm import assess_lm_pair, deployable_bytes
+        from shrinkml.measure.lm import artifact_bytes, assess_lm_pair, deployable_bytes
         from shrinkml.packaging.gguf_out import write_lm_gguf
         from shrinkml.report.build import build_lm_report
         from shrinkml.techniques.base import lm_refusal, registry
@@ -441,8 +441,6 @@ class Pipeline:
                                " tokenizer and the tokenized text loaded); peak_above_libraries: that"
                                " peak less the RSS once PyTorch and transformers were imported, before the model was"
                                " read"}
-            from shrinkml.measure.lm import artifact_bytes
-
             size = artifact_bytes(artifact)
             self.progress.log(f"wrote {size:,} bytes ({artifact.name}); loading it back on its own")
             # what a user deploys, read as a user reads it, on the runtime the report names

@@ -280,11 +280,6 @@ def write_gptq_checkpoint(model, codes: dict[str, tuple[np.ndarray, np.ndarray, 
 
 
 # ---------------------------------------------------------------------------------- describing
-def folder_bytes(folder: Path) -> int:
-    """Bytes of every file in the folder (what a user deploys)."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
 def weight_summary(onnx_path: Path) -> dict[str, Any]:
     """What the graph computes its matrix products with: op counts and each ``MatMulNBits`` /
     ``GatherBlockQuantized`` configuration (bits, block size, accuracy level, zero points or not)."""

@@ -244,7 +244,8 @@ def test_greedy_generation_gives_pytorchs_tokens_with_the_kv_cache(smol, runtime
 @needs_all
 def test_the_builders_int4_block32_folder_computes_its_own_int4_weights(smol, hf_dir, fp32_folder, window, reference,
                                                                         tmp_path):
-    from shrinkml.runtimes.ortgenai import OrtGenAIGenerator, build_folder, folder_bytes
+    from shrinkml.measure.lm import artifact_bytes
+    from shrinkml.runtimes.ortgenai import OrtGenAIGenerator, build_folder
 
     folder = build_folder(hf_dir, tmp_path / "int4", precision="int4", block_size=32, threads=THREADS)
     gen = OrtGenAIGenerator(folder, threads=THREADS, context=64, new_tokens=16)
@@ -258,7 +259,7 @@ def test_the_builders_int4_block32_folder_computes_its_own_int4_weights(smol, hf
     assert weights["MatMulNBits"] == [{"count": 151, "bits": 4, "block_size": 32, "zero_points": False,
                                        "accuracy_level": 4}]  # 30 layers x 5 fused MatMuls + lm_head
     assert weights["op_counts"]["GatherBlockQuantized"] == 1  # the tied embedding reads lm_head's int4 blocks
-    assert folder_bytes(folder) < 0.25 * folder_bytes(fp32_folder)
+    assert artifact_bytes(folder) < 0.25 * artifact_bytes(fp32_folder)
     assert run.decode_s > 0 and (run.new_tokens - 1) / run.decode_s > 0 and len(run.tokens) == 16
     # against the float model: int4 RTN of every matrix, embedding included, costs this 135M model a lot
     # (measured top-1 0.66, KL 0.44 on this window; a PyTorch simulation of the same rounding agrees)

@@ -440,7 +440,7 @@ class Pipeline:
                                " GenAI folder's builder runs after, in a child process; PyTorch, transformers, the"
                                " tokenizer and the tokenized text loaded); peak_above_libraries: that"
                                " peak less the RSS once PyTorch and transformers were imported, before the model was"
-                               " read"}
+                               " read (a fresh process, as the CLI's, holds nothing else then)"}
             size = artifact_bytes(artifact)
             self.progress.log(f"wrote {size:,} bytes ({artifact.name}); loading it back on its own")
             # what a user deploys, read as a user reads it, on the runtime the report names

@@ -101,8 +101,9 @@ def test_compress_writes_a_gguf_that_holds_exactly_the_chosen_codes(prose_txt, t
     mem = report["compression_memory"]
     assert mem["process_peak_rss_bytes"] >= mem["process_rss_before_bytes"] > 0
     assert mem["fp32_model_bytes"] == 4 * 134_515_008
-    # the libraries were imported before the model was read: the rest of the peak is the run's own
-    assert 0 < mem["libraries_rss_bytes"] < mem["process_rss_before_bytes"]
+    # measured once the libraries were imported, before the model was read (in this long-lived test
+    # process it also holds what earlier tests left; a CLI run starts fresh)
+    assert mem["libraries_rss_bytes"] > 0
     assert mem["peak_above_libraries_bytes"] == mem["process_peak_rss_bytes"] - mem["libraries_rss_bytes"]
     summary = report["steps"][0]["summary"]
     assert summary["formats"] == {"Q8_0": 211} and 30 < summary["weight_sqnr_db"] < 60  # 8-bit blocks: ~40 dB

@@ -348,16 +348,20 @@ def tensor_float32(reader: GGUFFile, name: str) -> np.ndarray:
     """Tensor ``name`` as a float32 numpy array of its shape (rows, cols for a weight),
     dequantized as llama.cpp does (``gguf.quants.dequantize``)."""
     info = reader.tensor(name)
-    raw = reader.raw(name)
+    return _dequantize(reader, info, np.ascontiguousarray(reader.raw(name)), info.shape)
+
+
+def _dequantize(reader: GGUFFile, info: TensorInfo, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``raw`` bytes of tensor ``info`` (whole, or whole rows of it) as float32 of ``shape``."""
     plain = _PLAIN.get(info.type_name)
     if plain is not None:
-        return np.ascontiguousarray(raw).view(plain).reshape(info.shape).astype(np.float32)
+        return raw.view(plain).reshape(shape).astype(np.float32)
     try:
-        out = gguf.quants.dequantize(np.ascontiguousarray(raw), info.qtype)
+        out = gguf.quants.dequantize(raw, info.qtype)
     except NotImplementedError:
-        raise InputError(f"tensor {name!r} is {info.type_name}, which the gguf package cannot dequantize",
+        raise InputError(f"tensor {info.name!r} is {info.type_name}, which the gguf package cannot dequantize",
                          where=str(reader.path), fix="use a file of a common type (F16, Q8_0, Q4_K, ...)") from None
-    return np.asarray(out, dtype=np.float32).reshape(info.shape)
+    return np.asarray(out, dtype=np.float32).reshape(shape)
 
 
 def dequantize_rows(reader: GGUFFile, name: str, index: np.ndarray) -> np.ndarray:
@@ -372,16 +376,7 @@ def dequantize_rows(reader: GGUFFile, name: str, index: np.ndarray) -> np.ndarra
         raise IndexError(f"{name} has {info.shape[0]} rows; asked for rows {int(index.min())}..{int(index.max())}")
     if not index.size:
         return np.empty((0, info.shape[1]), dtype=np.float32)
-    raw = np.ascontiguousarray(reader.raw(name)[index])
-    plain = _PLAIN.get(info.type_name)
-    if plain is not None:
-        return raw.view(plain).reshape(len(index), info.shape[1]).astype(np.float32)
-    try:
-        out = gguf.quants.dequantize(raw, info.qtype)
-    except NotImplementedError:
-        raise InputError(f"tensor {name!r} is {info.type_name}, which the gguf package cannot dequantize",
-                         where=str(reader.path), fix="use a file of a common type (F16, Q8_0, Q4_K, ...)") from None
-    return np.asarray(out, dtype=np.float32).reshape(len(index), info.shape[1])
+    return _dequantize(reader, info, np.ascontiguousarray(reader.raw(name)[index]), (len(index), info.shape[1]))
 
 
 def tensor_codes(reader: GGUFFile, name: str) -> gb.BlockCodes:

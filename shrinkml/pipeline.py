@@ -161,6 +161,8 @@ def prepare(model, data, task_name, weights, settings: RunSettings) -> Prepared:
         raise InputError(f"--runtime {settings.runtime} measures causal language models only, not --task {task.name}",
                          where=f"--runtime {settings.runtime}", expected="--task perplexity with a causal LM",
                          fix="pass --runtime onnxruntime, openvino or torch for this model")
+    if task.causal_lm and hasattr(runtime(settings.runtime), "check_installed"):
+        runtime(settings.runtime).check_installed()  # before a directory is converted or a file read
     libraries_rss = _libraries_rss() if task.causal_lm else None
     # first: text data is tokenized by the model's tokenizer
     loaded = load_model(model, weights, random_weights=settings.random_weights,

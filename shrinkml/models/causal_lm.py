@@ -45,6 +45,7 @@ class CausalLMInfo:
     tied_embeddings: bool
     gguf_path: str | None = None  # the source GGUF file, when loaded from one
     file_type: str | None = None  # the GGUF's general.file_type name (e.g. MOSTLY_Q4_1), when known
+    converted_gguf: str | None = None  # a directory's GGUF made by shrinkml (converted_gguf), once made
     bos_token_id: int | None = None
     notes: list[str] = field(default_factory=list)
     kind: str = "causal_lm"
@@ -231,7 +232,9 @@ def _gguf_loaded(path: Path, model, notes: list[str]) -> LoadedModel:
 
 
 def load_causal_lm(path: Path, *, lazy: bool = False) -> LoadedModel:
-    """A ``.gguf`` file or a transformers causal-LM directory (``lazy``: see :func:`load_gguf`)."""
+    """A ``.gguf`` file or a transformers causal-LM directory. ``lazy`` (for runtimes that measure
+    GGUF files): a file loads as :func:`load_gguf` says; a directory is converted to a GGUF first
+    (:func:`load_causal_lm_dir_as_gguf`)."""
     path = Path(path)
     if path.suffix.lower() == GGUF_SUFFIX:
         return load_gguf(path, lazy=lazy)
@@ -243,4 +246,76 @@ def load_causal_lm(path: Path, *, lazy: bool = False) -> LoadedModel:
                          expected="a *ForCausalLM / *LMHeadModel architecture",
                          found=brief(config.get("architectures") or config.get("model_type")),
                          fix="pass an encoder directory without --task perplexity")
+    if lazy:
+        return load_causal_lm_dir_as_gguf(path)
     return load_causal_lm_dir(path, config)
+
+
+def converted_gguf(root: Path) -> tuple[Path, dict[str, Any]]:
+    """The causal-LM directory ``root`` as a GGUF file at its own precision
+    (``shrinkml.formats.hf_gguf``), in a temporary folder removed when this process exits;
+    returns (path, the conversion's summary). ``root`` is only read."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from shrinkml.formats.hf_gguf import convert_hf_dir
+
+    _check_gguf_input(root)
+    folder = Path(tempfile.mkdtemp(prefix="shrinkml-gguf-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return convert_hf_dir(root, folder / f"{root.name or 'model'}.gguf")
+
+
+def gguf_source(loaded: LoadedModel) -> Path:
+    """The GGUF file whose tokenizer and metadata a written GGUF carries: the input ``.gguf``, or
+    the input directory converted once (:func:`converted_gguf`)."""
+    lm = loaded.lm
+    if lm.gguf_path is not None:
+        return Path(lm.gguf_path)
+    if lm.converted_gguf is None:
+        lm.converted_gguf = str(converted_gguf(Path(loaded.source))[0])
+    return Path(lm.converted_gguf)
+
+
+def gguf_refusal(loaded: LoadedModel) -> str | None:
+    """Why no GGUF can be written for this causal LM (None when one can)."""
+    if loaded.lm.gguf_path is not None or loaded.lm.converted_gguf is not None:
+        return None
+    if loaded.source not in _REFUSALS:  # a search asks once per candidate: the tokenizer check loads it
+        try:
+            _check_gguf_input(Path(loaded.source))
+            _REFUSALS[loaded.source] = None
+        except InputError as exc:
+            _REFUSALS[loaded.source] = f"{exc.what} ({exc.where})"
+    return _REFUSALS[loaded.source]
+
+
+_REFUSALS: dict[str, str | None] = {}
+
+
+def _check_gguf_input(root: Path) -> None:
+    from shrinkml.formats.hf_gguf import check_convertible
+    from shrinkml.models.hf import _check_weights
+
+    check_convertible(root)
+    _check_weights(root, False, False)
+
+
+def load_causal_lm_dir_as_gguf(root: Path) -> LoadedModel:
+    """A causal-LM directory for a runtime that measures GGUF files (llama.cpp): converted to a
+    GGUF file at its own precision (:func:`converted_gguf`), which then loads lazily as a ``.gguf``
+    input does (its decoder layers read one at a time by the steps), with the directory's own
+    tokenizer. ``source`` stays the directory: its files are the input's size."""
+    root = Path(root)
+    path, summary = converted_gguf(root)
+    loaded = load_gguf(path, lazy=True)
+    tokenizer = _tokenizer_from(str(root), str(root))
+    note = (f"converted to GGUF by shrinkml for llama.cpp ({summary['file_type']}, {summary['tensors']} tensors,"
+            f" pre-tokenizer {summary['pre_tokenizer']}, {path.stat().st_size:,} bytes): the directory's weights at"
+            " their own precision, as llama.cpp's convert_hf_to_gguf.py writes them; the baseline is that file")
+    notes = [note, *(n for n in loaded.notes if not n.startswith("loaded from GGUF"))]
+    lm = loaded.lm
+    lm.source, lm.tokenizer, lm.notes, lm.converted_gguf = str(root), tokenizer, notes, str(path)
+    lm.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else lm.bos_token_id
+    return LoadedModel("torch", str(root), module=loaded.module, lm=lm, notes=list(notes))

@@ -255,8 +255,9 @@ def _refuse_weights(weights: Any, random_weights: bool, holder: str) -> None:
 
 def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: bool = False,
                lazy_lm: bool = False) -> LoadedModel:
-    """Load a model spec; see the module docstring for the accepted forms. ``lazy_lm``: a causal
-    LM's decoder layers stay in their GGUF file until a step reads them (``shrinkml.models.lazy``).
+    """Load a model spec; see the module docstring for the accepted forms. ``lazy_lm`` (runtimes that
+    measure GGUF files): a causal LM's decoder layers stay in their GGUF file until a step reads
+    them (``shrinkml.models.lazy``); a causal-LM directory is converted to that GGUF first.
 
     A factory's model has random weights until ``weights`` are loaded into it, so a factory without
     ``weights`` is refused unless ``random_weights=True`` (architecture benchmarking; recorded on
@@ -297,7 +298,7 @@ def load_model(spec: Any, weights: str | Path | None = None, *, random_weights: 
         from shrinkml.models.causal_lm import is_causal_lm_dir, load_causal_lm
 
         if is_causal_lm_dir(path):  # a decoder LM: its own loader, never an encoder
-            return load_causal_lm(path)
+            return load_causal_lm(path, lazy=lazy_lm)
         return load_hf_dir(path)
     if path.suffix.lower() == ".gguf":
         _refuse_weights(weights, random_weights, "a .gguf file")

@@ -1,5 +1,6 @@
 """A quantized causal LM written as a GGUF file: the source GGUF's metadata and tokenizer, the
-step's block codes where it chose them, the source's own tensors elsewhere (norms stay F32)."""
+step's block codes where it chose them, the source's own tensors elsewhere (norms stay F32). The
+source is the input ``.gguf``, or the input directory converted by ``shrinkml.formats.hf_gguf``."""
 
 from __future__ import annotations
 
@@ -11,16 +12,20 @@ from shrinkml.errors import InputError
 
 def write_lm_gguf(state, loaded, path: Path) -> Path:
     """Write ``state`` (a causal LM with ``weight_codes``) as a GGUF at ``path`` (atomically)."""
-    from shrinkml.formats.gguf_file import hf_to_gguf_name, read_gguf, to_gguf_layout, write_gguf
+    from shrinkml.formats.gguf_file import (
+        hf_to_gguf_name,
+        read_gguf,
+        to_gguf_layout,
+        write_gguf,
+    )
 
     if state.weight_codes is None:
         raise InputError(
             "a causal-LM recipe must end with a step that chooses block codes (quantize.gguf) in this version",
             where="the recipe", fix="add a quantize.gguf step at the end")
-    source_path = getattr(loaded.lm, "gguf_path", None)
-    if source_path is None:
-        raise InputError("writing a GGUF needs a GGUF source for its tokenizer and metadata", where=loaded.source,
-                         fix="load the model from its .gguf file")
+    from shrinkml.models.causal_lm import gguf_source
+
+    source_path = gguf_source(loaded)  # the input .gguf, or the input directory converted by shrinkml
     source = read_gguf(source_path)
     n_layers = int(source.hparam("block_count")) if source.architecture != "llama" else None
     tensors: dict[str, Any] = {}

@@ -72,6 +72,9 @@ class LMRuntime(Protocol):
     name: str
     causal_lm_only: bool
 
+    def check_installed(self) -> None:
+        """Refuse (``InputError``), before any model is read, when the runtime's library is missing."""
+
     def check_lm(self, loaded: Any) -> None:
         """Refuse (``InputError``), before any text is read, a model this runtime cannot measure."""
 

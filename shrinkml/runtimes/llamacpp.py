@@ -56,7 +56,7 @@ def _quiet(llama_cpp) -> None:
         return
 
     @llama_cpp.llama_log_callback
-    def _drop(level, text, user_data):  # noqa: ARG001
+    def _drop(level, text, user_data):
         return None
 
     _QUIET.append(_drop)
@@ -197,14 +197,18 @@ class LlamaCpp:
     # one decoder layer at a time from the GGUF (shrinkml.models.lazy)
     lazy_lm = True
 
+    def check_installed(self) -> None:
+        _import()
+
     def check_lm(self, loaded) -> None:
         """Refuse, before any text is read, what llama.cpp cannot measure."""
         _import()
         if getattr(loaded.lm, "gguf_path", None) is None:
             raise InputError(
-                "--runtime llamacpp measures GGUF files, and this causal LM is a Hugging Face directory",
-                where=str(loaded.source), expected="a .gguf file",
-                fix="convert it with llama.cpp's convert_hf_to_gguf.py and pass the .gguf, or pass --runtime torch")
+                "--runtime llamacpp measures GGUF files, and this causal LM was loaded without one",
+                where=str(loaded.source), expected="a .gguf file, or a directory loaded with lazy_lm=True (converted to"
+                " GGUF, as shrinkml compress and bench do)", fix="load it with shrinkml.models.load_model(...,"
+                " lazy_lm=True), or pass --runtime torch")
 
     def lm_generator(self, *, loaded=None, gguf_path=None, threads: int, context: int, new_tokens: int):
         path = gguf_path if gguf_path is not None else loaded.lm.gguf_path

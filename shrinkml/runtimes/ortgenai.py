@@ -440,6 +440,9 @@ class OrtGenAI:
         # minutes, and a run asks for the baseline more than once (bench, compress, search trials)
         self._fp32: list[tuple[weakref.ref, tempfile.TemporaryDirectory, Path]] = []
 
+    def check_installed(self) -> None:
+        _import()
+
     def check_lm(self, loaded) -> None:
         """Refuse, before any text is read, what this runtime cannot measure."""
         _import()

@@ -51,6 +51,9 @@ class TorchEager:
         return (f"shrinkml.models.safetensors_io.load_state_dict({file_name!r}) into the factory's model"
                 " after fit_module_to_state_dict")
 
+    def check_installed(self) -> None:
+        """PyTorch is what shrinkml's causal-LM loading needs anyway."""
+
     def check_lm(self, loaded) -> None:
         """PyTorch measures every causal LM shrinkml loads."""
 

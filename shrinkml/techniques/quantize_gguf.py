@@ -93,9 +93,10 @@ class QuantizeGGUFConfig(StepConfig):
 def _applies(loaded: Any) -> str | None:
     if getattr(loaded, "lm", None) is None:
         return "not a causal language model"
-    if loaded.lm.gguf_path is None:
-        return "writing a GGUF needs a GGUF source for its tokenizer and metadata (the model was not loaded from one)"
-    return None
+    from shrinkml.models.causal_lm import gguf_refusal
+
+    why = gguf_refusal(loaded)  # a directory is converted for its tokenizer and metadata
+    return None if why is None else f"writing a GGUF needs its tokenizer and metadata in GGUF form: {why}"
 
 
 _EMBEDDING = "model.embed_tokens.weight"  # the token embedding's key in the codes (Llama's Hugging Face name)

@@ -31,12 +31,14 @@ def test_llamacpp_refuses_array_tasks_before_loading_anything(capsys):
     assert "measures causal language models only" in text and "--task classification" in text
 
 
-def test_llamacpp_refuses_a_causal_lm_directory_with_the_way_out(tiny_llama_dir, tiny_texts, capsys):
+def test_llamacpp_refuses_a_directory_it_cannot_convert_faithfully_with_the_way_out(tiny_llama_dir, tiny_texts, capsys):
+    """A directory is converted to GGUF for llama.cpp (tests/llm/test_hf_gguf.py); this one's WordPiece
+    vocabulary has no llama.cpp counterpart. Without llama-cpp-python, that is said before any reading."""
     code, text = cli(["bench", "--model", str(tiny_llama_dir), "--data", str(tiny_texts),
                       "--task", "perplexity", "--runtime", "llamacpp"], capsys)
     assert code == 2, text
     if HAVE_LLAMA_CPP:
-        assert "measures GGUF files" in text and "convert_hf_to_gguf.py" in text
+        assert "byte-level BPE" in text and "convert_hf_to_gguf.py" in text
     else:
         assert "needs llama-cpp-python" in text and "shrinkml[llamacpp]" in text
 

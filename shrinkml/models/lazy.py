@@ -183,8 +183,11 @@ def materialize_all(model) -> None:
     source = source_of(model)
     if source is None:
         raise ValueError("the model has parameters without values and no weight source")
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    head = model.get_output_embeddings() if tied else None
     for name, module in model.named_modules():
-        materialize_direct(module, name, source)
+        if module is not head:  # a tied head is the embedding's table: tied again below, not read
+            materialize_direct(module, name, source)
     retie(model)
 
 

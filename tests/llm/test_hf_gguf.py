@@ -212,3 +212,57 @@ def test_compress_a_directory_on_llamacpp_writes_model_gguf(smol_dir, tmp_path, 
     assert any("converted to GGUF by shrinkml" in n for n in report["notes"])
     assert report["compressed"]["metrics"]["top1_agreement"]["value"] > 0.9
     assert read_gguf(out / "model.gguf").metadata["tokenizer.ggml.pre"] == "smollm"
+
+
+def _tiny_qwen2(path: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Qwen2 (attention biases, untied head) with SmolLM2's byte-level BPE tokenizer."""
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    torch.manual_seed(1)
+    config = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False, initializer_range=0.3)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # biases are zero at initialization: give them values a wrong layout would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@needs_smollm2
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_converted_file_computes_the_directory_s_logits(smol_dir, tmp_path, family, monkeypatch):
+    """Read back by transformers' own GGUF reader (which undoes llama.cpp's q/k order), the file is
+    the directory's model: the same logits. With llama-cpp-python, llama.cpp computes them too."""
+    from shrinkml.formats import bpe_pre
+    from shrinkml.measure.lm import TorchGenerator
+    from shrinkml.models.causal_lm import load_gguf
+
+    hf = (_tiny_bpe_llama(tmp_path / "hf", smol_dir, tied=False, dtype=torch.float32) if family == "llama"
+          else _tiny_qwen2(tmp_path / "hf", smol_dir))
+    if family == "qwen2":  # transformers reads SmolLM2's vocabulary with Qwen2's own pre-tokenizer here, a pair
+        # llama.cpp's table cannot know (its hash is of Qwen2's vocabulary): this test is about the weights
+        tok = transformers.AutoTokenizer.from_pretrained(str(hf), local_files_only=True)
+        chk = hashlib.sha256(str(tok.encode(bpe_pre.CHECK_TEXT)).encode()).hexdigest()
+        monkeypatch.setitem(bpe_pre.PRE_TOKENIZERS, chk, ("qwen2", "a test's Qwen2 tokenizer"))
+    path, summary = convert_hf_dir(hf, tmp_path / "model.gguf")
+    assert summary["architecture"] == family
+    if family == "qwen2":
+        assert "blk.0.attn_q.bias" in read_gguf(path)
+    original = transformers.AutoModelForCausalLM.from_pretrained(str(hf), local_files_only=True).eval()
+    ids = np.asarray([[1, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 2]])
+    want = TorchGenerator(original, threads=2).logits(ids).float().numpy()
+    got = TorchGenerator(load_gguf(path).module, threads=2).logits(ids).float().numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    if importlib.util.find_spec("llama_cpp") is not None:
+        from shrinkml.runtimes.llamacpp import LlamaCppGenerator
+
+        gen = LlamaCppGenerator(path, threads=2, context=32, new_tokens=2)
+        try:
+            ours = gen.logits(ids)
+        finally:
+            gen.close()
+        assert np.abs(ours - want).max() < 2e-2 * np.abs(want).max()
+        assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9

@@ -106,6 +106,24 @@ def test_a_lazy_gguf_model_keeps_its_layers_in_the_file_until_they_are_read(lazy
 
 
 @needs_smollm2
+def test_a_lazy_model_read_whole_is_the_file_s_model_with_its_head_tied():
+    """What the whole-model configs (promote, bits_per_weight, awq) read: every weight, the tied
+    head the embedding's own table (it has no tensor of its own in the file)."""
+    from shrinkml.formats.gguf_file import hf_tensor_float32, read_gguf
+    from shrinkml.models import load_model
+    from shrinkml.models.lazy import is_lazy, materialize_all
+
+    model = load_model(str(GGUF), lazy_lm=True).module
+    materialize_all(model)
+    assert not is_lazy(model) and model.lm_head.weight is model.model.embed_tokens.weight
+    reader = read_gguf(GGUF)
+    for gguf_name, param in (("token_embd.weight", model.model.embed_tokens.weight),
+                             ("blk.29.attn_k.weight", model.model.layers[29].self_attn.k_proj.weight),
+                             ("output_norm.weight", model.model.norm.weight)):
+        np.testing.assert_array_equal(param.detach().numpy(), hf_tensor_float32(reader, gguf_name)[1])
+
+
+@needs_smollm2
 def test_the_step_on_a_lazy_model_leaves_it_lazy_and_returns_its_codes(lazy_smol):
     """quantize.gguf (Q8_0, rtn) through the registered step on the lazy model: the input keeps its
     layers in the file, the output's weights are the codes (read through CodesWeights)."""

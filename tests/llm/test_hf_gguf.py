@@ -266,3 +266,16 @@ def test_the_converted_file_computes_the_directory_s_logits(smol_dir, tmp_path, 
             gen.close()
         assert np.abs(ours - want).max() < 2e-2 * np.abs(want).max()
         assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+@needs_smollm2
+def test_a_shard_cut_short_is_refused_before_anything_is_written(smol_dir, tmp_path):
+    """The shard's header declares each tensor's bytes: a file shorter than it says is refused up
+    front (nothing is allocated for bytes that are not there), naming the tensor."""
+    hf = _tiny_bpe_llama(tmp_path / "tiny", smol_dir, tied=True, dtype=torch.float32)
+    shard = hf / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    with pytest.raises(InputError) as err:
+        convert_hf_dir(hf, tmp_path / "cut.gguf")
+    assert "does not describe its bytes" in err.value.what and err.value.where == str(shard)
+    assert not (tmp_path / "cut.gguf").exists()

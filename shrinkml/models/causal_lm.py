@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from shrinkml.errors import InputError, brief
+from shrinkml.models.hf import _tokenizer_from
 from shrinkml.models.loaded import LoadedModel
 
 GGUF_SUFFIX = ".gguf"
@@ -77,20 +78,6 @@ def _import_transformers():
     from shrinkml.models.hf import _import_transformers as imp
 
     return imp()
-
-
-def _tokenizer_from(path: str, where: str, **kwargs):
-    transformers = _import_transformers()
-    try:
-        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
-    except Exception as exc:
-        raise InputError(
-            f"transformers could not load the tokenizer ({type(exc).__name__}: {brief(str(exc).splitlines()[0] if str(exc) else '', 160)})",
-            where=where,
-            expected="tokenizer.json or tokenizer_config.json with its vocabulary" if not kwargs else
-            "a GGUF file carrying its tokenizer (tokenizer.ggml.* keys)",
-            fix="copy the model's tokenizer files beside it",
-        ) from None
 
 
 def _info(model, tokenizer, source: str, **extra) -> CausalLMInfo:
@@ -253,13 +240,13 @@ def load_causal_lm(path: Path, *, lazy: bool = False) -> LoadedModel:
 
 def converted_gguf(root: Path) -> tuple[Path, dict[str, Any]]:
     """The causal-LM directory ``root`` as a GGUF file at its own precision
-    (``shrinkml.formats.hf_gguf``), in a temporary folder removed when this process exits;
+    (``shrinkml.models.hf_gguf``), in a temporary folder removed when this process exits;
     returns (path, the conversion's summary). ``root`` is only read."""
     import atexit
     import shutil
     import tempfile
 
-    from shrinkml.formats.hf_gguf import convert_hf_dir
+    from shrinkml.models.hf_gguf import convert_hf_dir
 
     _check_gguf_input(root)
     folder = Path(tempfile.mkdtemp(prefix="shrinkml-gguf-"))
@@ -295,8 +282,8 @@ _REFUSALS: dict[str, str | None] = {}
 
 
 def _check_gguf_input(root: Path) -> None:
-    from shrinkml.formats.hf_gguf import check_convertible
     from shrinkml.models.hf import _check_weights
+    from shrinkml.models.hf_gguf import check_convertible
 
     check_convertible(root)
     _check_weights(root, False, False)

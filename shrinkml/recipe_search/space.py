@@ -257,12 +257,20 @@ def build_space(loaded, runtime_name: str, space_file: SpaceFile | None = None, 
         if any(n != NONE for n in names):
             stages[stage] = names
 
+    from shrinkml.runtimes import runtime
+
+    # a runtime whose artifact holds only some of a field's values narrows the default choices (ORT
+    # GenAI's MatMulNBits: Q4_0 and Q8_0 of quantize.gguf's formats)
+    narrowed: dict[str, tuple] = getattr(runtime(runtime_name), "search_choices", {})
     params: dict[str, list[Param]] = {}
     for candidates in stages.values():
         for name in candidates:
             if name == NONE:
                 continue
             declared = {f"{name}{SEP}{k}": v for k, v in techniques[name].search_params().items()}
+            for full, allowed in narrowed.items():
+                if full in declared and "choices" in declared[full]:
+                    declared[full] = {**declared[full], "choices": [c for c in declared[full]["choices"] if c in allowed]}
             params[name] = [_param(n, spec, techniques[name].config_cls, f"{techniques[name].config_cls.__name__}")
                             for n, spec in declared.items()]
     for full, spec in sf.params.items():
@@ -276,6 +284,14 @@ def build_space(loaded, runtime_name: str, space_file: SpaceFile | None = None, 
                              expected=", ".join(f for f in techniques[name].config_cls.model_fields if f != "technique"),
                              fix="correct the field name")
         given = _param(full, spec, techniques[name].config_cls, f"{where}: params.{full}")
+        if full in narrowed:
+            values = (given.fixed,) if given.is_fixed else given.choices or ()
+            outside = [v for v in values if v not in narrowed[full]]
+            if outside or not values:
+                raise InputError(f"{full} on --runtime {runtime_name} takes only {', '.join(map(str, narrowed[full]))}",
+                                 where=f"{where}: params.{full}", found=repr(spec)[:120],
+                                 fix=f"give choices among {', '.join(map(str, narrowed[full]))}, or search on another"
+                                 " runtime (llamacpp takes every block format)")
         params[name] = [p for p in params[name] if p.name != full] + [given]
     prefix = tuple(dict(step) for step in sf.prefix)
     if prefix:
@@ -287,6 +303,6 @@ def build_space(loaded, runtime_name: str, space_file: SpaceFile | None = None, 
         reasons = "; ".join(f"{', '.join(names)}: {why}" for why, names in sorted(by_reason.items(), key=lambda kv: len(kv[1])))
         raise InputError("no technique of the search space can take this model, so a search has nothing to try",
                          where=where, found=reasons[:900] or "every technique excluded",
-                         fix="fix what the reasons name (a causal LM must come from a .gguf file for quantize.gguf),"
-                         " or widen the search space file")
+                         fix="fix what the reasons name (quantize.gguf takes a .gguf file, or a directory it can"
+                         " convert to one), or widen the search space file")
     return Space(stages, {k: tuple(v) for k, v in params.items()}, prefix, skipped)

@@ -41,7 +41,7 @@ import time
 import weakref
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -430,10 +430,12 @@ class OrtGenAI:
     artifact_suffix = ""
     artifact_format = "onnxruntime-genai folder"
     causal_lm_only = True
-    # what search writes for a causal LM is GGUF, which this runtime does not measure (an fp32 rebuild of
-    # a file's dequantized weights would be a model nobody deploys): compress writes a folder (write_lm)
+    # a GGUF file is not what this runtime measures (an fp32 rebuild of a file's dequantized weights would
+    # be a model nobody deploys): compress and search trials write a folder (write_lm)
     measures_gguf = False
     artifact_name = "model"  # compress's OUT/model: the ORT GenAI folder
+    # what a search samples by default on this runtime: the formats MatMulNBits holds exactly
+    search_choices: ClassVar[dict[str, tuple[str, ...]]] = {"quantize.gguf__format": tuple(_GPTQ_OF)}
 
     def __init__(self) -> None:
         # one fp32 folder per loaded module, kept while this object lives: building costs seconds to
@@ -484,6 +486,26 @@ class OrtGenAI:
                                  fix="measure the GGUF on --runtime llamacpp or torch")
             folder = self.fp32_folder(loaded, threads=threads)
         return OrtGenAIGenerator(folder, threads=threads, context=context, new_tokens=new_tokens)
+
+    def check_lm_steps(self, steps) -> None:
+        """Refuse, before any step runs, a causal-LM recipe whose codes :meth:`write_lm` cannot hold:
+        the builder takes one bit width of ``MatMulNBits`` with an integer zero point (Q4_0 or Q8_0
+        for every Linear), so no promoted weights and no bits-per-weight mix."""
+        for i, step in enumerate(steps):
+            if getattr(step, "technique", None) != "quantize.gguf":
+                continue
+            if step.format not in _GPTQ_OF:
+                raise InputError(f"quantize.gguf format {step.format} is a block format ONNX Runtime's MatMulNBits"
+                                 " cannot hold exactly", where=f"steps[{i}].format",
+                                 expected="format Q4_0 or Q8_0 (a scale per 32 weights and an integer zero point)",
+                                 found=step.format, fix="use format: Q4_0 or Q8_0 with --runtime onnxruntime-genai,"
+                                 " or --runtime llamacpp for the other block formats")
+            if step.promote or step.bits_per_weight is not None:
+                field = "promote" if step.promote else "bits_per_weight"
+                raise InputError("ORT GenAI's builder takes one bit width per checkpoint, and this step mixes"
+                                 " formats", where=f"steps[{i}].{field}", found=f"{field}: {getattr(step, field)}",
+                                 fix="quantize every Linear to one format (no promote / bits_per_weight) for this"
+                                 " runtime, or use --runtime llamacpp for mixed formats")
 
     def write_lm(self, state, loaded, path: Path, *, threads: int) -> Path:
         """The compressed causal LM ``state`` as an ORT GenAI folder at ``path``: its Q4_0 / Q8_0 block

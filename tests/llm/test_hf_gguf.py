@@ -168,6 +168,36 @@ def test_compress_on_torch_writes_a_gguf_with_the_directory_s_tokenizer(smol_dir
     assert report["compressed"]["size_bytes"] == (out / "model.gguf").stat().st_size
 
 
+def test_search_on_a_directory_scores_gguf_trials_with_the_directory_s_tokenizer(tiny_bpe_llama_dir, tiny_texts,
+                                                                                  tmp_path):
+    """shrinkml search on a Hugging Face directory (not only a .gguf file): each trial's GGUF is
+    written from the directory's conversion, and best/model.gguf carries the directory's tokenizer."""
+    from shrinkml.budget import Budget
+    from shrinkml.recipe_search import search
+    from shrinkml.settings import RunSettings
+
+    space = tmp_path / "space.yaml"
+    space.write_text("stages:\n  quantize: [quantize.gguf]\nparams:\n  quantize.gguf__format: {choices: [Q8_0, Q4_0]}\n"
+                     "  quantize.gguf__method: rtn\n")
+    out = tmp_path / "out"
+    settings = RunSettings(runtime="torch", threads=2, max_length=32, new_tokens=4, repeats=10)
+    search(str(tiny_bpe_llama_dir), data=str(tiny_texts), out=out, task="perplexity", trials=2, space=space,
+           budget=Budget(max_drop=5.0, drop_type="relative"), settings=settings)
+    report = json.loads((out / "search.json").read_text())
+    trials = [t for t in report["all_trials"] if t["state"] == "complete"]
+    assert trials and {t["recipe"][0]["format"] for t in trials} <= {"Q8_0", "Q4_0"}
+    g = read_gguf(out / "best" / "model.gguf")
+    ref = read_gguf(convert_hf_dir(tiny_bpe_llama_dir, tmp_path / "ref.gguf")[0])
+    for key in TOKENIZER_KEYS[:5]:
+        assert g.metadata[key] == ref.metadata[key], key
+    assert report["best"]["test"]["size_bytes"] == (out / "best" / "model.gguf").stat().st_size
+    best = next(t for t in trials if t["recipe"] == report["best"]["recipe"])
+    assert best["values"]["size"] == (out / "best" / "model.gguf").stat().st_size  # the file, as the trial wrote it
+    sizes = {t["recipe"][0]["format"]: t["values"]["size"] for t in trials}
+    if len(sizes) == 2:
+        assert sizes["Q4_0"] < sizes["Q8_0"]
+
+
 @needs_llama_cpp
 def test_llama_cpp_runs_the_converted_directory_as_it_runs_the_original(smol_dir, tmp_path):
     """The converted F32 file and the original's weights in an F32 GGUF (same tensors, llama.cpp's

@@ -449,9 +449,9 @@ def test_compress_writes_an_ort_genai_folder_of_exactly_the_chosen_codes(prose_t
                                   gb.dequantize(gb.quantize_rtn(w, "Q8_0")))
 
 
-def test_codes_matmulnbits_cannot_hold_and_search_are_refused_naming_the_way_out(tiny_llama_dir, tmp_path):
-    """Q4_1's float minimum has no integer zero point: write_lm refuses it before building; search
-    writes GGUF trials, which this runtime does not measure."""
+def test_codes_matmulnbits_cannot_hold_are_refused_naming_the_way_out(tiny_llama_dir, tmp_path):
+    """Q4_1's float minimum has no integer zero point: write_lm refuses it before building, and
+    check_lm_steps refuses the recipe (and a mix of bit widths) before any step runs."""
     import transformers
 
     from shrinkml.core.types import ModelState
@@ -466,6 +466,64 @@ def test_codes_matmulnbits_cannot_hold_and_search_are_refused_naming_the_way_out
     with pytest.raises(InputError, match="Q4_1, which ONNX Runtime's MatMulNBits cannot hold exactly") as info:
         OrtGenAI().write_lm(state, loaded, tmp_path / "model", threads=1)
     assert "Q4_0 or Q8_0" in info.value.fix and not (tmp_path / "model").exists()
-    refuse_lm_output("onnxruntime-genai")  # compress: it writes its own folder
-    with pytest.raises(InputError, match="does not measure the GGUF files that search writes"):
-        refuse_lm_output("onnxruntime-genai", search=True)
+    refuse_lm_output("onnxruntime-genai")  # compress and search trials write its own folder
+    from shrinkml.recipe import as_recipe
+
+    def check(**step):
+        OrtGenAI().check_lm_steps(as_recipe([{"technique": "quantize.gguf", **step}]).steps)
+
+    check(format="Q8_0", method="gptq")
+    with pytest.raises(InputError, match="Q4_1 is a block format ONNX Runtime's MatMulNBits cannot hold") as info:
+        check(format="Q4_1")
+    assert info.value.where == "steps[0].format"
+    with pytest.raises(InputError, match="one bit width per checkpoint") as info:
+        check(format="Q4_0", promote=3)
+    assert info.value.where == "steps[0].promote"
+    with pytest.raises(InputError, match="one bit width per checkpoint"):
+        check(bits_per_weight=5.0, method="imatrix")
+
+
+def test_search_on_ort_genai_measures_its_folders_under_a_perplexity_budget(tiny_bpe_llama_dir, tiny_texts, tmp_path):
+    """shrinkml search --runtime onnxruntime-genai on a Hugging Face directory: the default space
+    holds only the formats MatMulNBits can take; each trial is the folder ORT GenAI's builder makes of
+    the sampled codes (its size every file's bytes), scored and timed by ORT GenAI against the input's
+    fp32 folder; the best is re-measured on the test windows by a compress run writing best/model."""
+    import json
+
+    from shrinkml.budget import Budget
+    from shrinkml.recipe_search import search
+    from shrinkml.settings import RunSettings
+
+    out = tmp_path / "out"
+    space = tmp_path / "space.yaml"  # no "none" in the stage: every trial quantizes; the params are the defaults
+    space.write_text("stages:\n  quantize: [quantize.gguf]\n")
+    settings = RunSettings(runtime="onnxruntime-genai", threads=THREADS, max_length=32, new_tokens=4, repeats=10)
+    search(str(tiny_bpe_llama_dir), data=str(tiny_texts), out=out, task="perplexity", trials=3, space=space,
+           budget=Budget(max_drop=5.0, drop_type="relative"), settings=settings)
+    report = json.loads((out / "search.json").read_text())
+    assert report["space"]["params"]["quantize.gguf__format"] == "{'Q4_0', 'Q8_0'}"  # narrowed from five formats
+    trials = [t for t in report["all_trials"] if t["state"] == "complete"]
+    assert trials, report["all_trials"]
+    sizes = {t["recipe"][0]["format"]: t["values"]["size"] for t in trials}
+    assert set(sizes) <= {"Q4_0", "Q8_0"}
+    if len(sizes) == 2:  # the folder is the bytes its weights take
+        assert sizes["Q4_0"] < sizes["Q8_0"]
+    assert not list((out.parent).glob("**/trial-*"))  # trial folders are not kept
+    best = out / "best" / "model"
+    assert (best / "genai_config.json").is_file() and not (out / "best" / "model.gguf").exists()
+    final = json.loads((out / "best" / "report.json").read_text())
+    assert final["runtime"]["name"] == "onnxruntime-genai"
+    assert report["best"]["test"]["size_bytes"] == sum(f.stat().st_size for f in best.rglob("*") if f.is_file())
+
+
+def test_a_search_space_with_formats_ort_genai_cannot_hold_is_refused(tiny_bpe_llama_dir, tiny_texts, tmp_path, capsys):
+    from shrinkml.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("stages:\n  quantize: [quantize.gguf]\nparams:\n  quantize.gguf__format: {choices: [Q4_0, Q4_1]}\n")
+    code = main(["search", "--model", str(tiny_bpe_llama_dir), "--data", str(tiny_texts), "--task", "perplexity",
+                 "--runtime", "onnxruntime-genai", "--space", str(space), "--max-length", "32", "--trials", "1",
+                 "--out", str(tmp_path / "out")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "quantize.gguf__format on --runtime onnxruntime-genai takes only Q4_0, Q8_0" in err, err
+    assert not (tmp_path / "out").exists()

@@ -107,7 +107,7 @@ def _move_into_place(built: Path, out_dir: Path) -> Path:
 
 
 def _builder_options(config: dict, precision: str, block_size: int, symmetric: bool | None,
-                     accuracy_level: int | None, where: str) -> list[str]:
+                     accuracy_level: int | None, where: str, quantized_head: bool = False) -> list[str]:
     """The builder's ``--extra_options`` for one build, checked before the child process starts."""
     options = ["hf_token=false"]  # a local directory: never look up a token
     if accuracy_level is not None:
@@ -127,6 +127,15 @@ def _builder_options(config: dict, precision: str, block_size: int, symmetric: b
         if precision != f"int{bits}":
             raise InputError(f"a {bits}-bit {method} checkpoint builds at precision int{bits} only", where=where,
                              found=f"precision {precision!r}", fix=f"pass precision='int{bits}'")
+        if quantized_head:
+            # the checkpoint holds the tied head's codes: the embedding reads the same codes through
+            # GatherBlockQuantized (stored once), and nothing is left float for the builder to round
+            if not config.get("tie_word_embeddings", False):
+                raise InputError("a quantized output head is shared with the embedding only when they are tied",
+                                 where=where, found="tie_word_embeddings false",
+                                 fix="leave the head float (quantized_head=False) for an untied model")
+            options.append("shared_embeddings=true")
+            return options
         # the codes are the checkpoint's: the builder must not round any float MatMul it left
         # (lm_head and the embedding, often tied) with its own RTN, so those stay float
         options += ["nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"]
@@ -150,7 +159,7 @@ def _builder_options(config: dict, precision: str, block_size: int, symmetric: b
 
 
 def build_folder(hf_dir: Path, out_dir: Path, *, precision: str, block_size: int = 32, symmetric: bool | None = None,
-                 threads: int, accuracy_level: int | None = None) -> Path:
+                 threads: int, accuracy_level: int | None = None, quantized_head: bool = False) -> Path:
     """Run ORT GenAI's model builder on the local Hugging Face causal-LM directory ``hf_dir`` for the
     CPU execution provider and write the folder ORT GenAI loads at ``out_dir`` (staged beside it,
     renamed into place when complete; ``out_dir`` must be new or empty).
@@ -159,15 +168,17 @@ def build_folder(hf_dir: Path, out_dir: Path, *, precision: str, block_size: int
     ``block_size``; ``symmetric`` None keeps the builder's default, symmetric; ``accuracy_level`` None
     keeps its CPU default, 4: activations quantized to int8 inside the matrix products). A GPTQ/AWQ
     checkpoint keeps its own codes (``precision`` must be ``int{bits}``; ``block_size`` and
-    ``symmetric`` come from the checkpoint) and its float ``lm_head`` stays float. ``threads``: the
-    builder's torch/OpenMP threads. The hub is offline in the builder's process.
+    ``symmetric`` come from the checkpoint) and its float ``lm_head`` stays float; with
+    ``quantized_head`` its ``lm_head`` holds codes too, tied to the embedding, which then reads those
+    codes through ``GatherBlockQuantized`` (one copy). ``threads``: the builder's torch/OpenMP threads.
+    The hub is offline in the builder's process.
 
     >>> build_folder(Path("hf"), Path("int4"), precision="int4", block_size=32, threads=2)  # doctest: +SKIP
     PosixPath('int4')
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = _read_config(hf_dir)
-    options = _builder_options(config, precision, block_size, symmetric, accuracy_level, str(hf_dir))
+    options = _builder_options(config, precision, block_size, symmetric, accuracy_level, str(hf_dir), quantized_head)
     _import()  # refuse before building when the runtime cannot load the result
     stage = _stage_beside(out_dir)
     try:
@@ -185,9 +196,41 @@ def build_folder(hf_dir: Path, out_dir: Path, *, precision: str, block_size: int
                              found=tail or "no output",
                              fix="check the directory loads with transformers and its architecture is one the"
                              " builder supports (llama, mistral, qwen2/3, phi3, gemma, ...)")
+        _two_dimensional_gather_scales(built / "model.onnx", rows=int(config.get("vocab_size", 0)))
         return _move_into_place(built, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _two_dimensional_gather_scales(onnx_path: Path, rows: int) -> None:
+    """Give every ``GatherBlockQuantized`` its scales and zero points as ``(rows, blocks)``.
+
+    onnxruntime-genai 0.18's builder feeds the tied embedding's ``GatherBlockQuantized`` the output
+    head's ``MatMulNBits`` scales and zero points, which are flat (``rows * blocks``), and ONNX Runtime
+    refuses the model at load ("scales must have the same rank as data"). A ``Reshape`` to ``(rows,
+    -1)`` in front of each such input (``rows``: the vocabulary) fixes it without copying a weight; the
+    external data file is not touched. A graph without such an input is left as it is."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+    changed = False
+    for node in [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]:
+        for i in (2, 3):  # scales, zero_points
+            if len(node.input) <= i or ranks.get(node.input[i]) != 1:
+                continue
+            name = node.input[i]
+            shape = f"{name}/shrinkml/shape"
+            if shape not in ranks:
+                model.graph.initializer.append(numpy_helper.from_array(np.array([rows, -1], dtype=np.int64), shape))
+                ranks[shape] = 1
+            model.graph.node.insert(0, helper.make_node("Reshape", [name, shape], [f"{name}/shrinkml/2d"],
+                                                        name=f"{name}/shrinkml/Reshape"))
+            node.input[i] = f"{name}/shrinkml/2d"
+            changed = True
+    if changed:
+        onnx.save(model, str(onnx_path))
 
 
 def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
@@ -202,8 +245,14 @@ def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     return out.view(np.int32)
 
 
+def gptq_declared_bits(bits: int, head_bits: int | None) -> int:
+    """The bit width :func:`write_gptq_checkpoint` declares (and :func:`build_folder` builds at):
+    the Linears' ``bits``, or 4 when the head holds codes (the others then per-module overrides)."""
+    return 4 if head_bits is not None else int(bits)
+
+
 def write_gptq_checkpoint(model, codes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], out_dir: Path,
-                          bits: int, group_size: int, *, tokenizer=None) -> Path:
+                          bits: int, group_size: int, *, tokenizer=None, head_bits: int | None = None) -> Path:
     """Write ``model`` (a transformers ``*ForCausalLM``) as a GPTQ checkpoint directory in the layout
     ORT GenAI's builder reads (``loaders/gptq.py``), with the given integer codes for its Linears.
 
@@ -215,6 +264,9 @@ def write_gptq_checkpoint(model, codes: dict[str, tuple[np.ndarray, np.ndarray, 
     word, lowest bits first; ``qzeros`` int32 ``(groups, out / p)`` holding ``zero - 1`` (GPTQ's stored
     offset, which the builder adds back); ``scales`` float16 ``(groups, out)``; ``g_idx`` int32
     ``(in,)`` = ``i // group_size`` (no act-order). Every other tensor is written as it is (float).
+    ``lm_head`` may be in ``codes`` also when it is tied to the embedding (build the folder with
+    ``quantized_head=True``: the embedding then reads the head's codes); ``head_bits`` gives it a bit
+    width of its own (a GPTQ ``dynamic`` override, which the builder's loader reads per tensor).
     ``tokenizer``: saved beside it (the builder needs one). Staged and renamed into place.
 
     >>> write_gptq_checkpoint(model, {"model.layers.0.mlp.down_proj": (q, s, z)}, Path("gptq"), 4, 32)  # doctest: +SKIP
@@ -222,20 +274,21 @@ def write_gptq_checkpoint(model, codes: dict[str, tuple[np.ndarray, np.ndarray, 
     import torch
     from safetensors.torch import save_file
 
-    if bits not in (4, 8):
-        raise ValueError(f"ORT GenAI builds 4- and 8-bit MatMulNBits on CPU, not {bits}-bit")
+    if bits not in (4, 8) or head_bits not in (None, 4, 8):
+        raise ValueError(f"ORT GenAI builds 4- and 8-bit MatMulNBits on CPU, not {bits}-bit (head {head_bits})")
+    if head_bits is not None and "lm_head" not in codes:
+        raise ValueError("head_bits is the bit width of lm_head's codes, and codes hold none for lm_head")
     out_dir = Path(out_dir)
     modules = dict(model.named_modules())
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     tensors: dict[str, torch.Tensor] = {}
-    per = 32 // bits
     symmetric = True
     for name, (q, scales, zeros) in codes.items():
         linear = modules.get(name)
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"{name!r} is not a Linear of this model")
-        if name == "lm_head" and tied:
-            raise ValueError("lm_head is tied to the embedding, which the builder reads as float: leave it out of codes")
+        nbits = head_bits if name == "lm_head" and head_bits is not None else bits
+        per = 32 // nbits
         n_out, n_in = linear.weight.shape
         groups = n_in // group_size
         q, scales, zeros = np.asarray(q), np.asarray(scales), np.asarray(zeros)
@@ -245,13 +298,13 @@ def write_gptq_checkpoint(model, codes: dict[str, tuple[np.ndarray, np.ndarray, 
         if q.shape != (n_out, n_in) or scales.shape != (n_out, groups) or zeros.shape != (n_out, groups):
             raise ValueError(f"{name}: codes {q.shape}, scales {scales.shape}, zeros {zeros.shape}; expected"
                              f" {(n_out, n_in)}, {(n_out, groups)}, {(n_out, groups)}")
-        top = 2**bits
+        top = 2**nbits
         if q.min() < 0 or q.max() >= top or zeros.min() < 0 or zeros.max() >= top:
             raise ValueError(f"{name}: codes and zero points must lie in [0, {top})")
         symmetric = symmetric and bool((zeros == top // 2).all())
         stored_zeros = (zeros.astype(np.int64) - 1) & (top - 1)
-        tensors[f"{name}.qweight"] = torch.from_numpy(_pack_rows(q.T, bits).copy())
-        tensors[f"{name}.qzeros"] = torch.from_numpy(_pack_rows(stored_zeros, bits).T.copy())
+        tensors[f"{name}.qweight"] = torch.from_numpy(_pack_rows(q.T, nbits).copy())
+        tensors[f"{name}.qzeros"] = torch.from_numpy(_pack_rows(stored_zeros, nbits).T.copy())
         tensors[f"{name}.scales"] = torch.from_numpy(scales.T.astype(np.float16).copy())
         tensors[f"{name}.g_idx"] = torch.arange(n_in, dtype=torch.int32) // group_size
         if linear.bias is not None:
@@ -269,8 +322,19 @@ def write_gptq_checkpoint(model, codes: dict[str, tuple[np.ndarray, np.ndarray, 
         config = model.config.to_dict()
         if not config.get("architectures"):  # a model made from a config, never saved, names none
             config["architectures"] = [type(model).__name__]
-        config["quantization_config"] = {"quant_method": "gptq", "bits": int(bits), "group_size": int(group_size),
+        # A quantized head is declared a 4-bit checkpoint: only a 4-bit build shares the head's codes
+        # with the embedding (GatherBlockQuantized); 8-bit modules are GPTQModel's per-module
+        # overrides, which the builder's loader reads tensor by tensor
+        declared = gptq_declared_bits(bits, head_bits)
+        config["quantization_config"] = {"quant_method": "gptq", "bits": declared, "group_size": int(group_size),
                                          "desc_act": False, "sym": symmetric, "checkpoint_format": "gptq"}
+        dynamic = {}
+        if bits != declared:
+            dynamic[r"+:^model\."] = {"bits": int(bits)}
+        if head_bits is not None and head_bits != declared:
+            dynamic[r"+:^lm_head\."] = {"bits": int(head_bits)}
+        if dynamic:
+            config["quantization_config"]["dynamic"] = dynamic
         (built / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(built))
@@ -421,6 +485,16 @@ class OrtGenAIGenerator:
                 setattr(self, part, None)
 
 
+def _gptq_codes(value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_0 / Q8_0 block codes as GPTQ's ``(q, scales, zeros)``: the signed codes shifted to unsigned
+    (Q8_0's by 128; Q4_0's are stored 0..15 already) with the zero point in the middle, so ``scale *
+    (q - zero)`` is exactly the block's value."""
+    bits, offset = _GPTQ_OF[value.fmt.name]
+    q = value.codes.astype(np.int16) + offset
+    zeros = np.full(value.d.shape, 1 << (bits - 1), dtype=np.int16)
+    return q.astype(np.uint8), value.d.astype(np.float32), zeros
+
+
 class OrtGenAI:
     """The ``onnxruntime-genai`` runtime: causal LMs only (an ``LMRuntime``). The input model runs as an
     fp32 folder built once per model by ORT GenAI's builder; compressed models are folders."""
@@ -510,8 +584,12 @@ class OrtGenAI:
     def write_lm(self, state, loaded, path: Path, *, threads: int) -> Path:
         """The compressed causal LM ``state`` as an ORT GenAI folder at ``path``: its Q4_0 / Q8_0 block
         codes written as a GPTQ checkpoint (group 32, integer zero point 8 / 128: the same values
-        exactly) and built by ORT GenAI's builder into ``MatMulNBits``; the embedding and output head
-        stay float32 holding the values the step chose (the builder's GPTQ route keeps them float)."""
+        exactly) and built by ORT GenAI's builder into ``MatMulNBits``. A tied embedding in Q4_0 or
+        Q8_0 is written as the output head's codes (4- or 8-bit ``MatMulNBits``, its own bit width
+        allowed) and read by the embedding through ``GatherBlockQuantized``: stored once, exactly the
+        step's values. An untied model's embedding and head, a tied one in another format, and a
+        vocabulary GPTQ's layout cannot pack (rows not a multiple of ``32 / bits``) stay float32 holding
+        the values the step chose."""
         from shrinkml.formats.gguf_blocks import BlockCodes
 
         codes = state.weight_codes
@@ -526,7 +604,7 @@ class OrtGenAI:
         for name, value in codes.items():
             module_name = name.removesuffix(".weight")
             if not isinstance(value, BlockCodes) or module_name in (head_name, "model.embed_tokens"):
-                continue  # float tensors, the embedding and the head: written float by the checkpoint
+                continue  # float tensors, the embedding and the head: below
             fmt = value.fmt.name
             if fmt not in _GPTQ_OF:
                 raise InputError(
@@ -534,21 +612,28 @@ class OrtGenAI:
                     " quantize.gguf step", expected="format Q4_0 or Q8_0 (a scale per 32 weights and an integer"
                     " zero point)", found=fmt, fix="use format: Q4_0 or Q8_0 with --runtime onnxruntime-genai, or"
                     " --runtime llamacpp for the other block formats")
-            bits, offset = _GPTQ_OF[fmt]
-            bits_seen.add(bits)
-            q = value.codes.astype(np.int16) + offset  # Q8_0's signed codes to 0..255, Q4_0's stay 0..15
-            zeros = np.full(value.d.shape, 1 << (bits - 1), dtype=np.int16)
-            linears[module_name] = (q.astype(np.uint8), value.d.astype(np.float32), zeros)
+            bits_seen.add(_GPTQ_OF[fmt][0])
+            linears[module_name] = _gptq_codes(value)
         if len(bits_seen) != 1:
             raise InputError("ORT GenAI's builder takes one bit width per checkpoint", where="the recipe's"
                              " quantize.gguf step", found=f"{sorted(bits_seen) or 'no'} bit Linear codes",
                              fix="quantize every Linear to one format (no promote / bits_per_weight) for this runtime")
         (bits,) = bits_seen
+        embedding = codes.get("model.embed_tokens.weight")
+        tied = (head is not None and head_name == "lm_head" and bool(getattr(module.config, "tie_word_embeddings", False))
+                and head.weight is module.get_input_embeddings().weight)
+        head_bits = None
+        if tied and isinstance(embedding, BlockCodes) and embedding.fmt.name in _GPTQ_OF:
+            candidate = _GPTQ_OF[embedding.fmt.name][0]
+            if head.weight.shape[0] % (32 // candidate) == 0:  # GPTQ packs the zero points along the rows
+                head_bits = candidate
+                linears["lm_head"] = _gptq_codes(embedding)
         path = Path(path)
         checkpoint = path.parent / f".{path.name}.gptq"
         try:
-            write_gptq_checkpoint(module, linears, checkpoint, bits, 32, tokenizer=loaded.lm.tokenizer)
-            return build_folder(checkpoint, path, precision=f"int{bits}", threads=threads)
+            write_gptq_checkpoint(module, linears, checkpoint, bits, 32, tokenizer=loaded.lm.tokenizer, head_bits=head_bits)
+            return build_folder(checkpoint, path, precision=f"int{gptq_declared_bits(bits, head_bits)}",
+                                threads=threads, quantized_head=head_bits is not None)
         finally:
             shutil.rmtree(checkpoint, ignore_errors=True)
 

@@ -384,6 +384,103 @@ def test_an_8bit_gptq_checkpoint_of_a_tiny_llama_round_trips_exactly(tiny_llama_
     assert np.abs(ours - same).max() < 1e-4 * np.abs(same).max()
 
 
+@pytest.mark.parametrize(("linear_format", "embedding_format"), [("Q4_0", "Q4_0"), ("Q4_0", "Q8_0"), ("Q8_0", "Q8_0")])
+def test_a_tied_embedding_is_stored_once_as_the_heads_codes_read_by_gather_block_quantized(
+        smol_tokenizer_dir, tmp_path, linear_format, embedding_format):
+    """write_lm on a tied model whose embedding the step put in Q4_0 or Q8_0 (the Linears in Q4_0 or Q8_0):
+    the output head is a MatMulNBits of exactly the embedding's codes at its own bit width, the
+    embedding reads those codes through GatherBlockQuantized, no float copy of the table is left,
+    and with float activations ORT's logits are PyTorch's on the step's values."""
+    import onnx
+    import torch
+    import transformers
+
+    from shrinkml.core.types import ModelState
+    from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.measure.lm import artifact_bytes
+    from shrinkml.runtimes.ortgenai import (
+        OrtGenAI,
+        OrtGenAIGenerator,
+        _gptq_codes,
+        build_folder,
+        gptq_declared_bits,
+        weight_summary,
+        write_gptq_checkpoint,
+    )
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))  # 49,152 rows
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=True, initializer_range=0.3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    codes = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name != "lm_head":
+                codes[f"{name}.weight"] = gb.quantize_rtn(m.weight.numpy(), linear_format)
+                m.weight.copy_(torch.from_numpy(gb.dequantize(codes[f"{name}.weight"])))
+        table = gb.quantize_rtn(model.model.embed_tokens.weight.numpy(), embedding_format)
+        model.model.embed_tokens.weight.copy_(torch.from_numpy(gb.dequantize(table)))  # the tied head too
+    codes["model.embed_tokens.weight"] = table
+    loaded = type("Loaded", (), {"lm": type("LM", (), {"tokenizer": tok})()})()
+    folder = OrtGenAI().write_lm(ModelState("torch", torch_model=model, weight_codes=codes), loaded,
+                                 tmp_path / "model", threads=THREADS)
+    bits, linear_bits = ({"Q4_0": 4, "Q8_0": 8}[f] for f in (embedding_format, linear_format))
+    summary = weight_summary(folder / "model.onnx")
+    assert summary["GatherBlockQuantized"] == [{"count": 1, "bits": bits, "block_size": 32, "zero_points": True}]
+    assert "MatMul" not in summary["op_counts"]  # nothing left float
+    assert sorted(e["bits"] for e in summary["MatMulNBits"] for _ in range(e["count"])) == sorted([linear_bits] * 10 + [bits])
+    np.testing.assert_array_equal(folder_weights(folder)["/lm_head/MatMulNBits"], gb.dequantize(table))
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    floats = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= len(tok) * 64]
+    assert not floats  # the table is not also stored float
+    assert artifact_bytes(folder) < len(tok) * 64 * 4  # less than the float table alone
+
+    # float activations (accuracy level 1): the embedding lookup and the head compute the step's values
+    linears = {n.removesuffix(".weight"): _gptq_codes(c) for n, c in codes.items() if n != "model.embed_tokens.weight"}
+    linears["lm_head"] = _gptq_codes(table)
+    ckpt = write_gptq_checkpoint(model, linears, tmp_path / "ckpt", linear_bits, 32, tokenizer=tok, head_bits=bits)
+    exact = build_folder(ckpt, tmp_path / "exact", precision=f"int{gptq_declared_bits(linear_bits, bits)}",
+                         threads=THREADS, accuracy_level=1, quantized_head=True)
+    ids = np.arange(5, 17, dtype=np.int64)[None]
+    gen = OrtGenAIGenerator(exact, threads=THREADS, context=16, new_tokens=4)
+    try:
+        ours = gen.logits(ids)
+    finally:
+        gen.close()
+    same = torch_logits(model, ids)
+    assert np.abs(ours - same).max() < 1e-4 * np.abs(same).max()
+
+
+def test_a_vocabulary_gptq_cannot_pack_keeps_the_embedding_float(tiny_llama_dir, tmp_path):
+    """20 rows do not pack eight 4-bit zero points per int32: the tied table stays float (the step's
+    values), read by a plain Gather and a float head, instead of a refusal."""
+    import torch
+    import transformers
+
+    from shrinkml.core.types import ModelState
+    from shrinkml.formats import gguf_blocks as gb
+    from shrinkml.runtimes.ortgenai import OrtGenAI, weight_summary
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    assert len(tok) % 8
+    codes = {f"{n}.weight": gb.quantize_rtn(m.weight.detach().numpy(), "Q4_0") for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    codes["model.embed_tokens.weight"] = gb.quantize_rtn(model.model.embed_tokens.weight.detach().numpy(), "Q4_0")
+    loaded = type("Loaded", (), {"lm": type("LM", (), {"tokenizer": tok})()})()
+    folder = OrtGenAI().write_lm(ModelState("torch", torch_model=model, weight_codes=codes), loaded,
+                                 tmp_path / "model", threads=THREADS)
+    summary = weight_summary(folder / "model.onnx")
+    assert "GatherBlockQuantized" not in summary and summary["op_counts"]["MatMul"] == 1  # the float head
+    assert [e["count"] for e in summary["MatMulNBits"]] == [5]
+
+
 # ---------------------------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
 def prose_txt(tmp_path_factory):
@@ -440,7 +537,12 @@ def test_compress_writes_an_ort_genai_folder_of_exactly_the_chosen_codes(prose_t
     assert report["compressed"]["artifact"]["file"] == "model"
     assert report["compressed"]["size_bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     described = report["runtime"]["compressed"]["weights"]
-    assert [e["bits"] for e in described["MatMulNBits"]] == [8] and described["MatMulNBits"][0]["count"] == 150  # q/k/v fused
+    # q/k/v fused: 5 per layer, and the output head; the tied embedding reads the head's codes
+    assert [e["bits"] for e in described["MatMulNBits"]] == [8] and described["MatMulNBits"][0]["count"] == 151
+    assert described["GatherBlockQuantized"] == [{"count": 1, "bits": 8, "block_size": 32, "zero_points": True}]
+    # 8 bits, a float32 scale and a zero point per 32 weights for all 134.5M weights, the table once
+    # (a float32 table alone is 113 MB)
+    assert report["compressed"]["size_bytes"] < 170_000_000
     assert report["compressed"]["metrics"]["top1_agreement"]["value"] > 0.9
     # the folder's 8-bit weights are exactly the step's Q8_0 codes of the file's float weights
     weights = folder_weights(folder)

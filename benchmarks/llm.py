@@ -43,6 +43,7 @@ import copy
 import ctypes
 import json
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -76,6 +77,15 @@ def english_texts() -> list[str]:
     for key in sorted(pydoc_data.topics.topics):
         out.update(dict.fromkeys(_sentences(pydoc_data.topics.topics[key])))
     return list(out)
+
+
+def _mk(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)
 
 
 def write_f32(source: Path, path: Path) -> Path:
@@ -150,6 +160,8 @@ def main() -> None:
     ap.add_argument("--calibration-windows", type=int, default=64)
     ap.add_argument("--test-windows", type=int, default=None, help="score only the first N test windows (a smoke run)")
     ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--work", metavar="DIR", help="keep every artifact in DIR and reuse the ones an earlier run"
+                    " with the same options finished there (default: a new temporary directory)")
     ap.add_argument("--render", metavar="JSON", help="only print (and put in the docs) the table of a saved run")
     args = ap.parse_args()
     if args.render:
@@ -185,7 +197,8 @@ def main() -> None:
     threads = 2
     torch.set_num_threads(threads)
     source = smollm2_path()
-    tmp = Path(tempfile.mkdtemp(prefix="shrinkml-llm-"))
+    tmp = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="shrinkml-llm-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     texts = tmp / "english.txt"
     sentences = english_texts()
     texts.write_text("\n".join(sentences) + "\n")
@@ -205,18 +218,50 @@ def main() -> None:
     log(f"{len(sentences)} sentences; calibration {len(splits.calibration)} windows, test {len(splits.test)}"
         f" windows ({test_tokens:,} scored tokens)")
 
-    files: dict[str, Path] = {}
-    notes: dict[str, dict] = {}
-    files["F32 (reference)"] = write_f32(source, tmp / "f32.gguf")
-    files["input file (Q4_1)"] = source
-    for ftype in ("Q8_0", "Q4_0", "Q4_K_M"):
+    notes_path = tmp / "notes.json"  # the shrinkml steps' summaries, kept for a resumed run
+    notes: dict[str, dict] = json.loads(notes_path.read_text()) if notes_path.exists() else {}
+
+    def made(slug: str, name: str, build) -> Path:
+        """``tmp/slug/name``, built by ``build(directory)`` into ``tmp/slug.part`` and renamed into place
+        when complete; reused as it is when an earlier run finished it."""
+        done = tmp / slug
+        if done.exists():
+            log(f"reusing {done / name}")
+            return done / name
+        part = tmp / f"{slug}.part"
+        shutil.rmtree(part, ignore_errors=True)
         t = time.time()
-        files[f"llama.cpp {ftype}"] = llama_quantize(files["F32 (reference)"], tmp / f"lcpp-{ftype}.gguf", f"MOSTLY_{ftype}")
-        log(f"llama.cpp {ftype}: {time.time() - t:.1f} s")
+        build(part)
+        part.rename(done)
+        log(f"{slug}: {time.time() - t:.1f} s")
+        return done / name
+
+    files: dict[str, Path] = {}
+    files["F32 (reference)"] = made("f32", "model.gguf", lambda d: write_f32(source, _mk(d) / "model.gguf"))
+    files["input file (Q4_1)"] = source
     fp32 = float_model(pipe.prepared.loaded)  # the pipeline's model is lazy (its layers stay in the GGUF)
-    imatrix = gguf_importance(fp32, splits.calibration.x, args.calibration_windows)
-    files["llama.cpp Q4_0 + imatrix"] = llama_quantize(files["F32 (reference)"], tmp / "lcpp-Q4_0-imatrix.gguf",
-                                                        "MOSTLY_Q4_0", imatrix)
+    # the anchors of the other runtimes first: cheap to build, and the parts most likely to refuse
+    folders: dict[str, Path] = {}
+    hf_dir = made("hf", "", lambda d: save_hf_dir(pipe.prepared.loaded, d))
+    for label, options in ORTGENAI_ANCHORS.items():
+        folders[label] = made(_slug(label), "", lambda d, o=options: ortgenai_anchor(hf_dir, d, threads=threads, **o))
+    float_xml = made("openvino-fp32", "model.xml", lambda d: openvino_export(fp32, d / "model.xml"))
+    xmls = {label: made(_slug(label), "model.xml", lambda d, o=options: openvino_anchor(float_xml, d / "model.xml", **o))
+            for label, options in NNCF_ANCHORS.items()}
+    for ftype in ("Q8_0", "Q4_0", "Q4_K_M"):
+        files[f"llama.cpp {ftype}"] = made(f"lcpp-{ftype}", "model.gguf", lambda d, f=ftype: llama_quantize(
+            files["F32 (reference)"], _mk(d) / "model.gguf", f"MOSTLY_{f}"))
+    if not (tmp / "lcpp-Q4_0-imatrix").exists():
+        imatrix = gguf_importance(fp32, splits.calibration.x, args.calibration_windows)
+    files["llama.cpp Q4_0 + imatrix"] = made("lcpp-Q4_0-imatrix", "model.gguf", lambda d: llama_quantize(
+        files["F32 (reference)"], _mk(d) / "model.gguf", "MOSTLY_Q4_0", imatrix))
+
+    def shrinkml_row(label: str, steps: list[dict]) -> None:
+        def build(d: Path) -> None:
+            _, notes[label] = shrinkml_gguf(pipe, steps, _mk(d) / "model.gguf", progress)
+            notes_path.write_text(json.dumps(notes, indent=2, default=str) + "\n")
+        files[label] = made(_slug(label), "model.gguf", build)
+
     recipes = {
         "shrinkml Q8_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q8_0", "embedding_format": "Q8_0"}],
         "shrinkml Q4_0 (rtn)": [{"technique": "quantize.gguf", "format": "Q4_0", "embedding_format": "Q8_0"}],
@@ -226,9 +271,7 @@ def main() -> None:
                                    "method": "imatrix", "calibration_windows": args.calibration_windows}],
     }
     for label, steps in recipes.items():
-        t = time.time()
-        files[label], notes[label] = shrinkml_gguf(pipe, steps, tmp / (label.replace(" ", "_") + ".gguf"), progress)
-        log(f"{label}: {time.time() - t:.1f} s")
+        shrinkml_row(label, steps)
     from shrinkml.formats.gguf_file import read_gguf
 
     def weight_bpw(path: Path) -> float:
@@ -240,11 +283,8 @@ def main() -> None:
     qkm_bpw = weight_bpw(files["llama.cpp Q4_K_M"])
     for label, bpw in ((f"shrinkml budget = Q4_0 size ({q40_bpw:.3f} bpw)", q40_bpw),
                        (f"shrinkml budget = Q4_K_M size ({qkm_bpw:.3f} bpw)", qkm_bpw)):
-        steps = [{"technique": "quantize.gguf", "method": "imatrix", "calibration_windows": args.calibration_windows,
-                  "bits_per_weight": round(bpw - 0.0005, 4), "sensitivity_windows": 2}]
-        t = time.time()
-        files[label], notes[label] = shrinkml_gguf(pipe, steps, tmp / f"budget-{bpw:.3f}.gguf", progress)
-        log(f"{label}: {time.time() - t:.1f} s")
+        shrinkml_row(label, [{"technique": "quantize.gguf", "method": "imatrix", "calibration_windows": args.calibration_windows,
+                      "bits_per_weight": round(bpw - 0.0005, 4), "sensitivity_windows": 2}])
     ours, theirs = read_gguf(files["shrinkml Q4_0 (rtn)"]), read_gguf(files["llama.cpp Q4_0"])
     same_q4_0 = sorted(ours.names) == sorted(theirs.names) and all(  # llama.cpp writes its own tensor order
         ours.tensor(n).qtype == theirs.tensor(n).qtype and np.array_equal(ours.raw(n), theirs.raw(n)) for n in ours.names)
@@ -255,20 +295,14 @@ def main() -> None:
     sizes = {label: path.stat().st_size for label, path in files.items()}
     gens = {label: LlamaCppGenerator(path, threads=threads, context=context, new_tokens=args.new_tokens)
             for label, path in files.items()}
-    hf_dir = save_hf_dir(pipe.prepared.loaded, tmp / "hf")
-    for label, options in ORTGENAI_ANCHORS.items():
-        t = time.time()
-        folder = ortgenai_anchor(hf_dir, tmp / label.replace(" ", "_"), threads=threads, **options)
+    for label, folder in folders.items():
         sizes[label] = artifact_bytes(folder)  # the whole folder ORT GenAI loads
         gens[label] = OrtGenAIGenerator(folder, threads=threads, context=context, new_tokens=args.new_tokens)
-        log(f"{label}: built in {time.time() - t:.1f} s, {sizes[label]:,} bytes")
-    float_xml = openvino_export(fp32, tmp / "openvino" / "fp32.xml")
-    for label, options in NNCF_ANCHORS.items():
-        t = time.time()
-        xml = openvino_anchor(float_xml, tmp / "openvino" / (label.replace(" ", "_") + ".xml"), **options)
+        log(f"{label}: {sizes[label]:,} bytes")
+    for label, xml in xmls.items():
         sizes[label] = openvino_bytes(xml)  # .xml + .bin
         gens[label] = OpenVINOGenerator(xml, threads=threads, context=context, new_tokens=args.new_tokens)
-        log(f"{label}: compressed in {time.time() - t:.1f} s, {sizes[label]:,} bytes")
+        log(f"{label}: {sizes[label]:,} bytes")
     log(f"scoring {len(splits.test)} test windows, {len(gens)} models")
     quality = score_windows({k: g.logits for k, g in gens.items()}, splits.test, batch_size=1, progress=progress)
     prompt = splits.test.x[0]

@@ -138,6 +138,22 @@ def refuse_lm_output(runtime_name: str) -> None:
             fix="pass --runtime llamacpp or torch")
 
 
+def refuse_lm_recipe(steps, loaded, runtime_name: str) -> None:
+    """Refuse, before any step runs, a causal-LM recipe a step cannot take (``lm_refusal``) or whose
+    codes the runtime's artifact cannot hold (its ``check_lm_steps``): compress and search trials."""
+    from shrinkml.techniques.base import lm_refusal, registry
+
+    techniques = registry()
+    for i, step in enumerate(steps):
+        why = lm_refusal(techniques[step.technique], loaded)
+        if why:
+            raise InputError(f"{step.technique} cannot take this model: {why}", where=f"steps[{i}]",
+                             fix="use quantize.gguf for a causal LM (a .gguf file, or a directory it converts)")
+    check_steps = getattr(runtime(runtime_name), "check_lm_steps", None)
+    if check_steps is not None:
+        check_steps(steps)
+
+
 def _libraries_rss() -> int | None:
     """This process's RSS once the libraries a causal LM's run needs are imported (PyTorch,
     transformers), before any model is read: what the compression's memory is counted above."""
@@ -400,19 +416,10 @@ class Pipeline:
         from shrinkml.measure.lm import artifact_bytes, assess_lm_pair, deployable_bytes
         from shrinkml.packaging.gguf_out import write_lm_gguf
         from shrinkml.report.build import build_lm_report
-        from shrinkml.techniques.base import lm_refusal, registry
 
         p, s = self.prepared, self.settings
         refuse_lm_output(s.runtime)
-        techniques = registry()
-        for i, step in enumerate(recipe.steps):
-            why = lm_refusal(techniques[step.technique], p.loaded)
-            if why:
-                raise InputError(f"{step.technique} cannot take this model: {why}", where=f"steps[{i}]",
-                                 fix="use quantize.gguf for a causal LM (a .gguf file, or a directory it converts)")
-        check_steps = getattr(runtime(s.runtime), "check_lm_steps", None)
-        if check_steps is not None:  # what the runtime's artifact cannot hold, refused before any step runs
-            check_steps(recipe.steps)
+        refuse_lm_recipe(recipe.steps, p.loaded, s.runtime)
         with (run_folder(None, {}) if folder is None else _given(folder)) as where:
             workdir = where.workdir
             from shrinkml.measure.memory import _PeakSampler

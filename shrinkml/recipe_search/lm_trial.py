@@ -102,18 +102,10 @@ class LMTrialEvaluator:
 
     def check_recipe(self, steps: list[dict]) -> None:
         """Refuse a sampled recipe whose steps cannot take this model (the pipeline's own check)."""
+        from shrinkml.pipeline import refuse_lm_recipe
         from shrinkml.recipe import as_recipe
-        from shrinkml.techniques.base import lm_refusal, registry
 
-        techniques = registry()
-        recipe = as_recipe([dict(s) for s in steps])
-        for i, step in enumerate(recipe.steps):
-            why = lm_refusal(techniques[step.technique], self.pipe.prepared.loaded)
-            if why:
-                raise InputError(f"{step.technique} cannot take this model: {why}", where=f"steps[{i}]")
-        check_steps = getattr(self.runtime, "check_lm_steps", None)
-        if check_steps is not None:  # what the runtime's artifact cannot hold, before any step runs
-            check_steps(recipe.steps)
+        refuse_lm_recipe(as_recipe([dict(s) for s in steps]).steps, self.pipe.prepared.loaded, self.pipe.settings.runtime)
 
     def evaluate(self, steps: list[dict], label: str = "trial") -> Outcome:
         from shrinkml.measure.lm import artifact_bytes, score_windows
